@@ -1,0 +1,11 @@
+//! tandem's model runtime.
+//!
+//! It loads a GGUF model, tokenizes and templates prompts the way llama.cpp
+//! does, and runs a Llama-family forward pass on the CPU over a paged KV cache
+//! made of fixed-size blocks. Full blocks are named by the chained hash from
+//! `tandem-protocol`, reused across sequences that share a prefix, and can be
+//! exported and imported whole, which is what lets a prefill worker hand a
+//! sequence to a decode worker. A continuous-batching scheduler runs many
+//! sequences per step under a token budget.
+
+pub mod gguf;

@@ -1,0 +1,12 @@
+//! Types every tandem process shares: how token blocks are named (the chained
+//! block hash), and the KV cache events that workers publish to routers.
+//!
+//! The engine hashes blocks as it fills its KV cache, and the router hashes
+//! prompts with the same function to find where a prefix is already cached, so
+//! this crate is the one definition both sides use.
+
+mod block_hash;
+mod kv_event;
+
+pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
+pub use kv_event::{KvEvent, KvEventKind};
