@@ -9,3 +9,4 @@
 //! sequences per step under a token budget.
 
 pub mod gguf;
+pub mod paths;
