@@ -1,1 +1,199 @@
-fn main() {}
+//! The `tandem` command: argument parsing and dispatch; the work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tandem::bench::{self, EngineBenchOptions};
+use tandem::generate::{self, GenerateOptions, PromptKind};
+
+/// Disaggregated LLM serving: prefill and decode workers, KV-aware routing, a control plane.
+#[derive(Parser)]
+#[command(name = "tandem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage models.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+    /// Generate text from a prompt with the in-process engine.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text (special tokens parsed, no BOS added).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Print `{"ids": [...]}`.
+        #[arg(long)]
+        json: bool,
+        /// The text to tokenize.
+        text: String,
+    },
+    /// Measure performance.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache; prints its path.
+    Pull,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill, single-stream decode and 8-stream decode throughput of the engine.
+    Engine {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Compute threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also run llama.cpp's `llama-bench` at this path on the same file and threads.
+        #[arg(long, value_name = "PATH")]
+        llama_bench: Option<PathBuf>,
+        /// Timed repetitions of each measurement.
+        #[arg(long, default_value_t = 3)]
+        repetitions: usize,
+    },
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// A GGUF file (default: the default model, pulled if missing).
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: Option<PathBuf>,
+}
+
+impl ModelArg {
+    fn resolve(self) -> anyhow::Result<PathBuf> {
+        match self.model {
+            Some(path) => {
+                anyhow::ensure!(path.exists(), "model file {} does not exist", path.display());
+                Ok(path)
+            }
+            None => tandem::model_pull::pull_default_model(true).context("fetching the default model"),
+        }
+    }
+}
+
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("input").required(true))]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Raw prompt text (special tokens parsed; BOS added if the model wants it).
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// A user message, wrapped in the model's chat template.
+    #[arg(long, group = "input")]
+    chat: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object with ids, text, finish reason and top-3 log-probabilities.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model {
+            command: ModelCommand::Pull,
+        } => {
+            let path = tandem::model_pull::pull_default_model(true)?;
+            println!("{}", path.display());
+        }
+        Command::Generate(a) => {
+            let prompt = match (a.prompt, a.chat) {
+                (Some(p), _) => PromptKind::Raw(p),
+                (None, Some(c)) => PromptKind::Chat(c),
+                (None, None) => anyhow::bail!("give --prompt or --chat"),
+            };
+            let opts = GenerateOptions {
+                model: a.model.resolve()?,
+                prompt,
+                max_tokens: a.max_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                top_k: a.top_k,
+                min_p: a.min_p,
+                repetition_penalty: a.repetition_penalty,
+                seed: a.seed,
+                stop: a.stop,
+                threads: a.threads,
+                json: a.json,
+            };
+            generate::run(&opts)?;
+        }
+        Command::Tokenize { model, json, text } => {
+            generate::tokenize(&model.resolve()?, &text, json)?;
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Engine {
+                    model,
+                    threads,
+                    json,
+                    llama_bench,
+                    repetitions,
+                },
+        } => {
+            let opts = EngineBenchOptions {
+                model: model.resolve()?,
+                threads,
+                json,
+                llama_bench,
+                repetitions,
+            };
+            bench::engine(&opts)?;
+        }
+    }
+    Ok(())
+}

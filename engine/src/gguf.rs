@@ -538,6 +538,11 @@ impl GgufFile {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// The raw bytes of a tensor from this file's table.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[info.offset..info.offset + info.n_bytes]
+    }
+
     /// A tensor's raw bytes by name.
     pub fn tensor_data(&self, name: &str) -> Result<(&TensorInfo, &[u8]), GgufError> {
         let info = self

@@ -8,5 +8,12 @@
 //! sequence to a decode worker. A continuous-batching scheduler runs many
 //! sequences per step under a token budget.
 
+pub mod chat_template;
+pub mod cpu;
+pub mod engine;
 pub mod gguf;
+pub mod kv_cache;
+pub mod model;
 pub mod paths;
+pub mod sampling;
+pub mod tokenizer;

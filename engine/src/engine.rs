@@ -1,0 +1,947 @@
+//! The engine a worker process drives: submit a request, receive a stream of
+//! tokens, cancel; export and import a sequence's KV blocks; read the load.
+//!
+//! One thread owns the model, the KV cache and every sequence, and runs the
+//! continuous-batching loop: between steps, sequences join (reusing every
+//! cached leading block) and leave; each step packs the running decodes and
+//! chunks of pending prefills into one forward batch under a token budget, so
+//! a long prompt never stalls the decodes. Callers talk to that thread over a
+//! channel, and the token streams are tokio channels, so both blocking code
+//! (the CLI) and async code (the workers) can consume them.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
+use tokio::sync::{broadcast, mpsc as tmpsc};
+
+use crate::chat_template::ChatTemplate;
+use crate::gguf::GgufFile;
+use crate::kv_cache::{BlockId, KvCache, KvLayout};
+use crate::model::{BatchSeq, Model, ModelConfig, ModelError, Scratch};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Errors from loading an engine or submitting work to it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid engine config: {0}")]
+    Config(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {tokens} tokens does not fit: the limit is {limit} ({what})")]
+    PromptTooLong {
+        tokens: usize,
+        limit: usize,
+        what: &'static str,
+    },
+    #[error("invalid sampling parameters: {0}")]
+    Sampling(String),
+    #[error("imported KV does not fit this engine: {0}")]
+    KvMismatch(String),
+    #[error("no retained KV for request {0}")]
+    UnknownRequest(u64),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("cannot build the thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// How an engine is sized.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV cache capacity in tokens (rounded up to whole blocks).
+    pub kv_cache_tokens: usize,
+    /// Tokens computed per step, across all sequences (the prefill chunk budget).
+    pub max_batch_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Compute threads; `None` uses every core.
+    pub threads: Option<usize>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            kv_cache_tokens: 16_384,
+            max_batch_tokens: 512,
+            max_running: 64,
+            threads: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::Config(m));
+        if !(1..=1024).contains(&self.block_size) {
+            return bad(format!("block_size {} must be in 1..=1024", self.block_size));
+        }
+        if self.kv_cache_tokens < self.block_size {
+            return bad(format!("kv_cache_tokens {} is less than one block", self.kv_cache_tokens));
+        }
+        if self.max_batch_tokens == 0 || self.max_running == 0 {
+            return bad("max_batch_tokens and max_running must be positive".into());
+        }
+        if self.threads == Some(0) {
+            return bad("threads must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// A sequence's KV cache contents, as exported by one engine and imported by another.
+///
+/// `data` holds `ceil(tokens.len() / block_size)` blocks, each in the cache's
+/// block layout (every layer's piece in order; see [`KvLayout`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceKv {
+    pub layout: KvLayout,
+    /// The tokens whose K/V the blocks hold, from position 0.
+    pub tokens: Vec<u32>,
+    pub data: Vec<u8>,
+}
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    /// Strings that end generation; they are not part of the output text.
+    pub stop: Vec<String>,
+    /// Token ids that end generation, besides the model's end-of-generation tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Keep the sequence's KV blocks after it finishes, until exported or released.
+    pub retain_kv: bool,
+    /// KV for a prefix of the prompt computed elsewhere; the engine computes the rest.
+    pub imported_kv: Option<SequenceKv>,
+}
+
+impl Request {
+    /// A greedy request for `max_tokens` tokens.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            retain_kv: false,
+            imported_kv: None,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token, stop token or stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedToken {
+    pub id: u32,
+    /// Text newly complete after this token (may be empty while UTF-8 or a possible stop string is pending).
+    pub text: String,
+    pub logprob: f32,
+    /// Most likely alternatives with log-probabilities, if requested.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    Token(GeneratedToken),
+    Finished { reason: FinishReason, usage: Usage },
+}
+
+/// A submitted request: its id and its token stream.
+#[derive(Debug)]
+pub struct RequestHandle {
+    pub id: u64,
+    pub events: tmpsc::UnboundedReceiver<TokenEvent>,
+}
+
+/// A whole generation, collected from a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<GeneratedToken>,
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+impl RequestHandle {
+    /// Blocks until the request finishes and returns everything it produced.
+    /// Not for use inside an async runtime.
+    pub fn wait(mut self) -> Result<Generation, EngineError> {
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        while let Some(ev) = self.events.blocking_recv() {
+            match ev {
+                TokenEvent::Token(t) => {
+                    text.push_str(&t.text);
+                    tokens.push(t);
+                }
+                TokenEvent::Finished { reason, usage } => {
+                    return Ok(Generation {
+                        tokens,
+                        text,
+                        reason,
+                        usage,
+                    });
+                }
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+/// A snapshot of the engine's load, for routing and autoscaling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub running: usize,
+    pub waiting: usize,
+    /// Prompt tokens not yet computed, over running and waiting sequences.
+    pub pending_prefill_tokens: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+    /// Prefix-cache hit rate in blocks since start.
+    pub kv_hit_rate: f64,
+    /// Steps run and tokens computed since start.
+    pub steps: u64,
+    pub tokens_computed: u64,
+}
+
+enum Command {
+    Submit(u64, Box<Request>, tmpsc::UnboundedSender<TokenEvent>),
+    Cancel(u64),
+    Export(u64, mpsc::Sender<Result<SequenceKv, EngineError>>),
+    Release(u64),
+    Shutdown,
+}
+
+/// What the engine thread and its handles share read-only.
+struct Shared {
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    chat_template: Option<ChatTemplate>,
+    layout: KvLayout,
+    num_blocks: usize,
+}
+
+/// A running engine. Dropping it stops the engine thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    load: Arc<Mutex<LoadReport>>,
+    events: broadcast::Sender<KvEvent>,
+    next_id: std::sync::atomic::AtomicU64,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.shared.config.name).finish()
+    }
+}
+
+impl Engine {
+    /// Loads a GGUF model and starts the engine thread.
+    pub fn load(path: impl AsRef<Path>, config: EngineConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let file = GgufFile::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        // A model without a chat template can still complete raw prompts.
+        let chat_template = ChatTemplate::from_gguf(&file).ok();
+        let model = Model::load(file)?;
+        let mc = model.config().clone();
+        let layout = mc.kv_layout(config.block_size);
+        let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
+        let hasher = BlockHasher::new(&mc.name, config.block_size);
+        let cache = KvCache::new(layout, num_blocks, hasher);
+        let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tandem-compute-{i}"))
+            .build()
+            .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+
+        let shared = Arc::new(Shared {
+            config: mc,
+            tokenizer,
+            chat_template,
+            layout,
+            num_blocks,
+        });
+        let load = Arc::new(Mutex::new(LoadReport {
+            kv_blocks_total: num_blocks,
+            ..LoadReport::default()
+        }));
+        let (events, _) = broadcast::channel(4096);
+        let (tx, rx) = mpsc::channel();
+        let mut core = Core {
+            shared: shared.clone(),
+            model,
+            cache,
+            scratch: Scratch::default(),
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            retained: HashMap::new(),
+            load: load.clone(),
+            events: events.clone(),
+            steps: 0,
+            tokens_computed: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("tandem-engine".into())
+            .spawn(move || pool.install(|| core.run(rx)))
+            .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
+        Ok(Self {
+            shared,
+            commands: tx,
+            load,
+            events,
+            next_id: std::sync::atomic::AtomicU64::new(1),
+            thread: Some(thread),
+        })
+    }
+
+    /// The model's hyperparameters.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.shared.tokenizer
+    }
+
+    /// The model's chat template, if its file has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.shared.chat_template.as_ref()
+    }
+
+    /// The KV cache's block layout.
+    pub fn kv_layout(&self) -> KvLayout {
+        self.shared.layout
+    }
+
+    /// Checks a request and queues it; the stream yields its tokens then `Finished`.
+    pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
+        let s = &self.shared;
+        let n = request.prompt.len();
+        if n == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if n >= s.config.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: n,
+                limit: s.config.context_length - 1,
+                what: "model context length",
+            });
+        }
+        let cache_tokens = s.num_blocks * s.layout.block_size;
+        if n >= cache_tokens {
+            return Err(EngineError::PromptTooLong {
+                tokens: n,
+                limit: cache_tokens - 1,
+                what: "KV cache capacity",
+            });
+        }
+        request.sampling.validate().map_err(|e| EngineError::Sampling(e.to_string()))?;
+        if let Some(vocab) = request.prompt.iter().find(|&&t| t as usize >= s.config.vocab_size) {
+            return Err(EngineError::Config(format!(
+                "token id {vocab} is outside the vocabulary of {}",
+                s.config.vocab_size
+            )));
+        }
+        if let Some(kv) = &request.imported_kv {
+            check_import(kv, &request.prompt, s.layout)?;
+        }
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tmpsc::unbounded_channel();
+        self.commands
+            .send(Command::Submit(id, Box::new(request), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(RequestHandle { id, events: rx })
+    }
+
+    /// Cancels a request; its stream ends with `Finished { reason: Cancelled }`.
+    pub fn cancel(&self, id: u64) {
+        // A stopped engine has nothing left to cancel.
+        let _ = self.commands.send(Command::Cancel(id));
+    }
+
+    /// Takes the KV of a finished request submitted with `retain_kv`, freeing its blocks.
+    pub fn export_kv(&self, id: u64) -> Result<SequenceKv, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Export(id, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Frees the retained KV of a finished request without exporting it.
+    pub fn release_kv(&self, id: u64) {
+        let _ = self.commands.send(Command::Release(id));
+    }
+
+    /// The load after the latest step.
+    pub fn load_report(&self) -> LoadReport {
+        *self.load.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// KV cache events (blocks stored and removed), numbered per engine.
+    /// A subscriber that lags sees a gap in `seq` and should resync.
+    pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
+        self.events.subscribe()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("engine thread panicked");
+            }
+        }
+    }
+}
+
+fn check_import(kv: &SequenceKv, prompt: &[u32], layout: KvLayout) -> Result<(), EngineError> {
+    if kv.layout != layout {
+        return Err(EngineError::KvMismatch(format!(
+            "layout {:?} differs from this engine's {:?}",
+            kv.layout, layout
+        )));
+    }
+    if kv.tokens.len() >= prompt.len() || prompt[..kv.tokens.len()] != kv.tokens[..] {
+        return Err(EngineError::KvMismatch(
+            "the KV must cover a strict prefix of the prompt".into(),
+        ));
+    }
+    let blocks = kv.tokens.len().div_ceil(layout.block_size);
+    if kv.data.len() != blocks * layout.block_bytes() {
+        return Err(EngineError::KvMismatch(format!(
+            "{} bytes for {} tokens, expected {}",
+            kv.data.len(),
+            kv.tokens.len(),
+            blocks * layout.block_bytes()
+        )));
+    }
+    Ok(())
+}
+
+/// A sequence the engine is working on.
+struct Sequence {
+    id: u64,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose K/V is in the cache.
+    computed: usize,
+    blocks: Vec<BlockId>,
+    /// Hashes of the leading full blocks, chained.
+    hashes: Vec<BlockHash>,
+    cached_tokens: usize,
+    sampler: Sampler,
+    request: Box<Request>,
+    out: tmpsc::UnboundedSender<TokenEvent>,
+    decoder: StreamDecoder,
+    /// Generated text so far and how much of it has been sent.
+    text: String,
+    sent: usize,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+            cached_tokens: self.cached_tokens,
+        }
+    }
+}
+
+struct Retained {
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+}
+
+/// The engine thread's state.
+struct Core {
+    shared: Arc<Shared>,
+    model: Model,
+    cache: KvCache,
+    scratch: Scratch,
+    config: EngineConfig,
+    waiting: VecDeque<Sequence>,
+    /// In admission order.
+    running: Vec<Sequence>,
+    retained: HashMap<u64, Retained>,
+    load: Arc<Mutex<LoadReport>>,
+    events: broadcast::Sender<KvEvent>,
+    steps: u64,
+    tokens_computed: u64,
+}
+
+impl Core {
+    fn run(&mut self, commands: mpsc::Receiver<Command>) {
+        let mut stalled = false;
+        loop {
+            let idle = stalled || (self.running.is_empty() && self.waiting.is_empty());
+            let first = if idle {
+                match commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            for cmd in first.into_iter().chain(std::iter::from_fn(|| commands.try_recv().ok())) {
+                if !self.handle(cmd) {
+                    self.cancel_all();
+                    return;
+                }
+            }
+            stalled = !self.step();
+            self.publish();
+        }
+    }
+
+    /// Applies one command; false means shut down.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(id, request, out) => {
+                let seq = Sequence {
+                    id,
+                    tokens: request.prompt.clone(),
+                    prompt_len: request.prompt.len(),
+                    computed: 0,
+                    blocks: Vec::new(),
+                    hashes: Vec::new(),
+                    cached_tokens: 0,
+                    sampler: Sampler::new(request.sampling.clone()),
+                    request,
+                    out,
+                    decoder: StreamDecoder::default(),
+                    text: String::new(),
+                    sent: 0,
+                };
+                self.waiting.push_back(seq);
+            }
+            Command::Cancel(id) => {
+                if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+                    if let Some(seq) = self.waiting.remove(i) {
+                        self.finish(seq, FinishReason::Cancelled);
+                    }
+                } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                    let seq = self.running.remove(i);
+                    self.finish(seq, FinishReason::Cancelled);
+                }
+            }
+            Command::Export(id, reply) => {
+                let result = match self.retained.remove(&id) {
+                    None => Err(EngineError::UnknownRequest(id)),
+                    Some(r) => {
+                        let mut data = Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
+                        for &b in &r.blocks {
+                            for l in 0..self.shared.layout.n_layers {
+                                data.extend_from_slice(self.cache.piece_bytes(b, l));
+                            }
+                        }
+                        self.release_blocks(&r.blocks);
+                        Ok(SequenceKv {
+                            layout: self.shared.layout,
+                            tokens: r.tokens,
+                            data,
+                        })
+                    }
+                };
+                let _ = reply.send(result);
+            }
+            Command::Release(id) => {
+                if let Some(r) = self.retained.remove(&id) {
+                    self.release_blocks(&r.blocks);
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn cancel_all(&mut self) {
+        let seqs: Vec<Sequence> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        for seq in seqs {
+            self.finish(seq, FinishReason::Cancelled);
+        }
+    }
+
+    fn release_blocks(&mut self, blocks: &[BlockId]) {
+        for &b in blocks {
+            self.cache.release(b);
+        }
+    }
+
+    /// Moves waiting sequences into the running set while blocks allow.
+    fn admit(&mut self) {
+        let bs = self.shared.layout.block_size;
+        while self.running.len() < self.config.max_running {
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            let hashes = self.cache.hasher().hash_prefix(&seq.tokens);
+            // At least the last token is always computed, to get its logits.
+            let reusable = (seq.tokens.len() - 1) / bs;
+            let mut blocks = self.cache.acquire_prefix(&hashes[..reusable.min(hashes.len())]);
+            let import = seq.request.imported_kv.as_ref().map(|kv| kv.tokens.len().div_ceil(bs));
+            let import_blocks = import.unwrap_or(0).saturating_sub(blocks.len());
+            // Blocks for the rest of the context and the first generated token.
+            let needed = (seq.tokens.len() + 1).div_ceil(bs) - blocks.len();
+            if self.cache.num_free() < needed {
+                self.release_blocks(&blocks);
+                self.waiting.push_front(seq);
+                break;
+            }
+            let acquired = blocks.len();
+            let mut computed = acquired * bs;
+            seq.cached_tokens = computed;
+            if let (Some(kv), true) = (&seq.request.imported_kv, import_blocks > 0) {
+                let Some(new) = self.cache.allocate_many(import_blocks) else {
+                    self.release_blocks(&blocks);
+                    self.waiting.push_front(seq);
+                    break;
+                };
+                let layout = self.shared.layout;
+                for (i, &b) in new.iter().enumerate() {
+                    let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..][..layout.block_bytes()];
+                    for (l, piece) in src.chunks_exact(layout.piece_bytes()).enumerate() {
+                        self.cache.piece_bytes_mut(b, l).copy_from_slice(piece);
+                    }
+                }
+                blocks.extend(new);
+                computed = kv.tokens.len();
+            }
+            seq.hashes = hashes[..acquired].to_vec();
+            seq.blocks = blocks;
+            seq.computed = computed;
+            seq.request.imported_kv = None;
+            register_full_blocks(&mut self.cache, &mut seq);
+            self.running.push(seq);
+        }
+    }
+
+    /// Returns the running sequence admitted last to the front of the queue,
+    /// freeing its blocks; its full blocks stay cached, so re-admission is cheap.
+    fn preempt_last(&mut self) -> bool {
+        let Some(mut seq) = self.running.pop() else { return false };
+        tracing::debug!(id = seq.id, "preempting sequence for lack of KV blocks");
+        let blocks = std::mem::take(&mut seq.blocks);
+        self.release_blocks(&blocks);
+        seq.hashes.clear();
+        seq.computed = 0;
+        self.waiting.push_front(seq);
+        true
+    }
+
+    /// Plans one batch: decodes first, then prefill chunks, under the token budget.
+    /// Returns (running index, tokens to compute) pairs.
+    fn plan(&mut self) -> Vec<(usize, usize)> {
+        let bs = self.shared.layout.block_size;
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| {
+            let s = &self.running[i];
+            (s.tokens.len() - s.computed > 1, i)
+        });
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan = Vec::new();
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            if i >= self.running.len() {
+                continue; // preempted below
+            }
+            let take = (self.running[i].tokens.len() - self.running[i].computed).min(budget);
+            let need = (self.running[i].computed + take).div_ceil(bs);
+            while self.running.get(i).is_some_and(|s| s.blocks.len() < need) {
+                match self.cache.allocate() {
+                    Some(b) => self.running[i].blocks.push(b),
+                    None => {
+                        if !self.preempt_last() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if i < self.running.len() && self.running[i].blocks.len() >= need {
+                plan.push((i, take));
+                budget -= take;
+            }
+        }
+        plan.retain(|&(i, _)| i < self.running.len());
+        plan
+    }
+
+    /// Runs one batch; false when nothing could run (the queue waits on retained KV).
+    fn step(&mut self) -> bool {
+        self.admit();
+        let plan = self.plan();
+        if plan.is_empty() {
+            if self.running.is_empty() && self.retained.is_empty() {
+                // Nothing fits even with the whole cache free: give up on the head of the queue.
+                if let Some(seq) = self.waiting.pop_front() {
+                    tracing::warn!(id = seq.id, "sequence does not fit the KV cache");
+                    self.finish(seq, FinishReason::Length);
+                    return true;
+                }
+            }
+            return false;
+        }
+        let batch: Vec<BatchSeq<'_>> = plan
+            .iter()
+            .map(|&(i, take)| {
+                let s = &self.running[i];
+                BatchSeq {
+                    tokens: &s.tokens[s.computed..s.computed + take],
+                    start_pos: s.computed,
+                    blocks: &s.blocks,
+                    want_logits: s.computed + take == s.tokens.len(),
+                }
+            })
+            .collect();
+        let logits = self.model.forward(&mut self.cache, &batch, &mut self.scratch);
+        drop(batch);
+        self.steps += 1;
+        self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
+
+        let vocab = self.shared.config.vocab_size;
+        let mut row = 0;
+        let mut done = Vec::new();
+        for &(i, take) in &plan {
+            let seq = &mut self.running[i];
+            seq.computed += take;
+            register_full_blocks(&mut self.cache, seq);
+            if seq.computed == seq.tokens.len() {
+                let sampled = seq.sampler.sample(&logits[row * vocab..(row + 1) * vocab], &seq.tokens);
+                row += 1;
+                if let Some(reason) = accept(&self.shared, seq, sampled) {
+                    done.push((i, reason));
+                }
+            }
+        }
+        // Remove finished sequences from the back so indices stay valid.
+        done.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, reason) in done {
+            let seq = self.running.remove(i);
+            self.finish(seq, reason);
+        }
+        // Streams whose receiver is gone are cancelled.
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].out.is_closed() {
+                let seq = self.running.remove(i);
+                self.finish(seq, FinishReason::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+        true
+    }
+
+    fn finish(&mut self, mut seq: Sequence, reason: FinishReason) {
+        let blocks = std::mem::take(&mut seq.blocks);
+        if seq.request.retain_kv && reason != FinishReason::Cancelled && seq.computed > 0 {
+            let tokens = seq.tokens[..seq.computed].to_vec();
+            self.retained.insert(seq.id, Retained { tokens, blocks });
+        } else {
+            self.release_blocks(&blocks);
+        }
+        let _ = seq.out.send(TokenEvent::Finished {
+            reason,
+            usage: seq.usage(),
+        });
+    }
+
+    fn publish(&mut self) {
+        for ev in self.cache.take_events() {
+            // No subscribers is fine: nobody is routing on this engine's cache.
+            let _ = self.events.send(ev);
+        }
+        let pending_prefill_tokens = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .map(|s| s.prompt_len.saturating_sub(s.computed))
+            .sum();
+        let report = LoadReport {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            pending_prefill_tokens,
+            kv_blocks_used: self.cache.num_in_use(),
+            kv_blocks_total: self.cache.num_blocks(),
+            kv_hit_rate: self.cache.hit_rate(),
+            steps: self.steps,
+            tokens_computed: self.tokens_computed,
+        };
+        *self.load.lock().unwrap_or_else(PoisonError::into_inner) = report;
+    }
+}
+
+/// Registers every newly full, computed block of `seq` under its chained hash.
+fn register_full_blocks(cache: &mut KvCache, seq: &mut Sequence) {
+    let bs = cache.layout().block_size;
+    while (seq.hashes.len() + 1) * bs <= seq.computed {
+        let i = seq.hashes.len();
+        let parent = seq.hashes.last().copied();
+        let hash = cache.hasher().hash_block(parent, &seq.tokens[i * bs..(i + 1) * bs]);
+        cache.register(seq.blocks[i], parent, hash);
+        seq.hashes.push(hash);
+    }
+}
+
+/// Appends a sampled token, streams it, and says whether the sequence is done.
+fn accept(shared: &Shared, seq: &mut Sequence, sampled: SampledToken) -> Option<FinishReason> {
+    let tok = sampled.id;
+    seq.tokens.push(tok);
+    let tokenizer = &shared.tokenizer;
+    let eog = !seq.request.ignore_eos && tokenizer.is_eog(tok) || seq.request.stop_token_ids.contains(&tok);
+    let mut reason = None;
+    let mut text = String::new();
+    if eog {
+        reason = Some(FinishReason::Stop);
+    } else {
+        seq.text.push_str(&seq.decoder.push(tokenizer, tok));
+        let (emit_to, hit) = stop_scan(&seq.text, seq.sent, &seq.request.stop);
+        text.push_str(&seq.text[seq.sent..emit_to]);
+        seq.sent = emit_to;
+        if hit {
+            seq.text.truncate(emit_to);
+            reason = Some(FinishReason::Stop);
+        }
+    }
+    if reason.is_none() {
+        let context_full = seq.tokens.len() >= shared.config.context_length;
+        let cache_full = seq.tokens.len() >= shared.num_blocks * shared.layout.block_size;
+        if seq.generated() >= seq.request.max_tokens || context_full || cache_full {
+            reason = Some(FinishReason::Length);
+            // Flush text held back for a stop string that can no longer complete.
+            text.push_str(&seq.text[seq.sent..]);
+            seq.sent = seq.text.len();
+        }
+    }
+    let _ = seq.out.send(TokenEvent::Token(GeneratedToken {
+        id: tok,
+        text,
+        logprob: sampled.logprob,
+        top: sampled.top,
+    }));
+    reason
+}
+
+/// Finds how much of `text` past `sent` may be emitted given the stop strings:
+/// returns (emit up to this byte, whether a stop string was found). Text that
+/// could be the start of a stop string is held back.
+fn stop_scan(text: &str, sent: usize, stops: &[String]) -> (usize, bool) {
+    let longest = stops.iter().map(String::len).max().unwrap_or(0);
+    if longest == 0 {
+        return (text.len(), false);
+    }
+    // A stop string may straddle what was already sent only if it started in held-back text,
+    // and held-back text is never sent, so searching from `sent` is enough.
+    let mut first: Option<usize> = None;
+    for s in stops.iter().filter(|s| !s.is_empty()) {
+        if let Some(i) = text[sent..].find(s.as_str()) {
+            first = Some(first.map_or(sent + i, |f| f.min(sent + i)));
+        }
+    }
+    if let Some(i) = first {
+        return (i, true);
+    }
+    // Hold back the longest suffix that is a prefix of some stop string.
+    let mut hold = 0;
+    for s in stops {
+        for k in (1..s.len().min(text.len() - sent + 1)).rev() {
+            if s.is_char_boundary(k) && text.ends_with(&s[..k]) {
+                hold = hold.max(k);
+                break;
+            }
+        }
+    }
+    (text.len() - hold, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_scan_holds_back_possible_stops() {
+        let stops = vec!["\n\nUser".to_string()];
+        assert_eq!(stop_scan("Hello", 0, &stops), (5, false));
+        assert_eq!(stop_scan("Hello\n", 0, &stops), (5, false));
+        assert_eq!(stop_scan("Hello\n\nUs", 0, &stops), (5, false));
+        assert_eq!(stop_scan("Hello\n\nUser: hi", 0, &stops), (5, true));
+        assert_eq!(stop_scan("Hello\nthere", 5, &stops), (11, false));
+        assert_eq!(stop_scan("abc", 0, &[]), (3, false));
+    }
+
+    #[test]
+    fn config_validation_names_the_field() {
+        let bad = EngineConfig {
+            block_size: 0,
+            ..EngineConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("block_size"));
+        assert!(EngineConfig::default().validate().is_ok());
+    }
+}

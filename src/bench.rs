@@ -1,0 +1,250 @@
+//! `tandem bench engine`: prefill, single-stream decode and 8-stream decode
+//! throughput of the in-process engine, beside the machine's memory-bandwidth
+//! bound and, when given its path, llama.cpp's `llama-bench` on the same file.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rayon::prelude::*;
+use serde::Serialize;
+use tandem_engine::engine::{Engine, EngineConfig, Request, TokenEvent};
+
+/// Options of `tandem bench engine`.
+#[derive(Debug, Clone)]
+pub struct EngineBenchOptions {
+    pub model: PathBuf,
+    pub threads: Option<usize>,
+    pub json: bool,
+    pub llama_bench: Option<PathBuf>,
+    pub repetitions: usize,
+}
+
+/// What `tandem bench engine` measures.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineBenchReport {
+    pub model: String,
+    pub threads: usize,
+    pub simd: &'static str,
+    /// Prompt tokens per second for a 512-token prompt.
+    pub prefill_tok_s: f64,
+    /// Tokens per second generating 128 tokens in one sequence.
+    pub decode_tok_s: f64,
+    /// Total tokens per second with 8 sequences generating 128 tokens each.
+    pub batch8_decode_tok_s: f64,
+    /// Measured memory read bandwidth with the same threads.
+    pub read_bandwidth_gb_s: f64,
+    /// Weight bytes read per decoded token.
+    pub weight_bytes_per_token: usize,
+    /// Single-stream decode bound: bandwidth over weight bytes per token.
+    pub decode_bound_tok_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llamacpp_prefill_tok_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llamacpp_decode_tok_s: Option<f64>,
+}
+
+const PREFILL_TOKENS: usize = 512;
+const DECODE_TOKENS: usize = 128;
+const BATCH: usize = 8;
+
+/// Deterministic, distinct prompt tokens (so no run hits another's prefix cache).
+fn synthetic_prompt(len: usize, salt: u64, vocab: usize) -> Vec<u32> {
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (100 + x % (vocab as u64 - 100)) as u32
+        })
+        .collect()
+}
+
+/// Runs requests to completion; returns (first token time, last token time, tokens) per request.
+fn run_all(engine: &Engine, requests: Vec<Request>) -> anyhow::Result<Vec<(Instant, Instant, usize)>> {
+    let handles = requests
+        .into_iter()
+        .map(|r| engine.submit(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for mut h in handles {
+        let (mut first, mut last, mut n) = (None, Instant::now(), 0);
+        while let Some(ev) = h.events.blocking_recv() {
+            match ev {
+                TokenEvent::Token(_) => {
+                    last = Instant::now();
+                    first.get_or_insert(last);
+                    n += 1;
+                }
+                TokenEvent::Finished { .. } => break,
+            }
+        }
+        out.push((first.unwrap_or(last), last, n));
+    }
+    Ok(out)
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Best-of-3 read bandwidth over a 512 MiB buffer, in GB/s.
+fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    let words = 64 << 20;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let sum = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+#[derive(serde::Deserialize)]
+struct LlamaBenchRow {
+    n_prompt: u64,
+    n_gen: u64,
+    avg_ts: f64,
+}
+
+/// Runs llama.cpp's llama-bench (pp512, tg128) and returns (prefill, decode) tok/s.
+fn llama_bench(bin: &Path, model: &Path, threads: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+    let out = std::process::Command::new(bin)
+        .args(["-m"])
+        .arg(model)
+        .args(["-t", &threads.to_string(), "-p", "512", "-n", "128", "-r", &reps.to_string(), "-o", "json"])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llama-bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<LlamaBenchRow> = serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
+    let pp = rows.iter().find(|r| r.n_prompt > 0 && r.n_gen == 0);
+    let tg = rows.iter().find(|r| r.n_gen > 0 && r.n_prompt == 0);
+    match (pp, tg) {
+        (Some(pp), Some(tg)) => Ok((pp.avg_ts, tg.avg_ts)),
+        _ => anyhow::bail!("llama-bench output lacks pp512 or tg128 rows"),
+    }
+}
+
+/// Runs the engine benchmark and prints a table or JSON.
+pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
+    let threads = opts
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let reps = opts.repetitions.max(1);
+    let engine = Engine::load(
+        &opts.model,
+        EngineConfig {
+            threads: Some(threads),
+            ..EngineConfig::default()
+        },
+    )
+    .with_context(|| format!("loading {}", opts.model.display()))?;
+    let vocab = engine.model_config().vocab_size;
+    let mut salt = 1u64;
+    let mut next_prompt = |len| {
+        salt += 1;
+        synthetic_prompt(len, salt, vocab)
+    };
+    let decode_request = |prompt: Vec<u32>| {
+        let mut r = Request::new(prompt, DECODE_TOKENS);
+        r.ignore_eos = true;
+        r
+    };
+
+    // Warm up: page the weights in and spin the threads up.
+    run_all(&engine, vec![decode_request(next_prompt(64))])?;
+
+    let mut prefill = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        run_all(&engine, vec![Request::new(next_prompt(PREFILL_TOKENS), 1)])?;
+        prefill.push(PREFILL_TOKENS as f64 / t.elapsed().as_secs_f64());
+    }
+
+    let rate = |runs: &[(Instant, Instant, usize)]| {
+        let start = runs.iter().map(|r| r.0).min().unwrap_or_else(Instant::now);
+        let end = runs.iter().map(|r| r.1).max().unwrap_or(start);
+        // The first token of each sequence comes from its prefill, so it is not counted.
+        let tokens: usize = runs.iter().map(|r| r.2.saturating_sub(1)).sum();
+        tokens as f64 / (end - start).max(Duration::from_micros(1)).as_secs_f64()
+    };
+    let mut decode = Vec::new();
+    for _ in 0..reps {
+        decode.push(rate(&run_all(&engine, vec![decode_request(next_prompt(1))])?));
+    }
+    let mut batch = Vec::new();
+    for _ in 0..reps {
+        let requests = (0..BATCH).map(|_| decode_request(next_prompt(8))).collect();
+        batch.push(rate(&run_all(&engine, requests)?));
+    }
+    drop(engine);
+
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building a thread pool")?;
+    let bandwidth = read_bandwidth(&pool);
+    let file = tandem_engine::gguf::GgufFile::open(&opts.model)?;
+    let model = tandem_engine::model::Model::load(file)?;
+    let weight_bytes = model.weight_bytes_per_token();
+    let llama = match &opts.llama_bench {
+        Some(bin) => Some(llama_bench(bin, &opts.model, threads, reps)?),
+        None => None,
+    };
+
+    let report = EngineBenchReport {
+        model: model.config().name.clone(),
+        threads,
+        simd: tandem_engine::cpu::simd_level(),
+        prefill_tok_s: mean(&prefill),
+        decode_tok_s: mean(&decode),
+        batch8_decode_tok_s: mean(&batch),
+        read_bandwidth_gb_s: bandwidth,
+        weight_bytes_per_token: weight_bytes,
+        decode_bound_tok_s: bandwidth * 1e9 / weight_bytes as f64,
+        llamacpp_prefill_tok_s: llama.map(|l| l.0),
+        llamacpp_decode_tok_s: llama.map(|l| l.1),
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &EngineBenchReport) {
+    println!("model {}  threads {}  simd {}", r.model, r.threads, r.simd);
+    let llama = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    println!("{:<34} {:>12} {:>12}", "", "tandem", "llama.cpp");
+    println!(
+        "{:<34} {:>12.1} {:>12}",
+        "prefill 512 tokens (tok/s)",
+        r.prefill_tok_s,
+        llama(r.llamacpp_prefill_tok_s)
+    );
+    println!(
+        "{:<34} {:>12.1} {:>12}",
+        "decode 128 tokens, 1 stream (tok/s)",
+        r.decode_tok_s,
+        llama(r.llamacpp_decode_tok_s)
+    );
+    println!("{:<34} {:>12.1}", "decode, 8 streams (total tok/s)", r.batch8_decode_tok_s);
+    println!(
+        "decode bound: {:.1} GB/s read / {:.1} MB per token = {:.0} tok/s",
+        r.read_bandwidth_gb_s,
+        r.weight_bytes_per_token as f64 / 1e6,
+        r.decode_bound_tok_s
+    );
+}

@@ -1,0 +1,6 @@
+//! The `tandem` command's library: each subcommand's work, so `main.rs` stays
+//! argument parsing and dispatch.
+
+pub mod bench;
+pub mod generate;
+pub mod model_pull;
