@@ -2,7 +2,7 @@
 //! scalar and x86 SIMD, plus the f16 vector kernels attention uses.
 //!
 //! Per 32-element block, with activation scale `a.d` and quant sum `a.sum`:
-//! - Q4_1: d·a.d·Σ q·y + m·a.d·a.sum
+//! - Q4_1: d·a.d·Σ q·y + m·a.s
 //! - Q4_0: d·a.d·(Σ q·y − 8·a.sum)
 //! - Q8_0: d·a.d·Σ w·y
 
@@ -63,7 +63,7 @@ pub(super) fn scalar(ty: GgmlType, row: &[u8], acts: &[ActBlock]) -> f32 {
                     isum += (b[4 + j] & 0x0f) as i32 * a.qs[j] as i32;
                     isum += (b[4 + j] >> 4) as i32 * a.qs[j + 16] as i32;
                 }
-                sum += d * a.d * isum as f32 + m * a.d * a.sum as f32;
+                sum += d * a.d * isum as f32 + m * a.s;
             }
         }
         GgmlType::Q4_0 => {
@@ -152,7 +152,7 @@ macro_rules! q4_1_kernel {
                     let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                     let p = _mm256_cvtepi32_ps($dot(q, y));
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), p, acc);
-                    acc_min += m * a.d * a.sum as f32;
+                    acc_min += m * a.s;
                 }
             }
             // SAFETY: same features as this function.

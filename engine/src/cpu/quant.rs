@@ -12,11 +12,13 @@ use half::{bf16, f16};
 
 use crate::gguf::GgmlType;
 
-/// One quantized block of 32 activations: value ≈ qs[i] · d; `sum` = Σ qs.
+/// One quantized block of 32 activations: value ≈ qs[i] · d; `sum` = Σ qs;
+/// `s` ≈ d · Σ qs. As in ggml's Q8_0/Q8_1, `d` and `s` carry f16 precision.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(8))]
 pub(crate) struct ActBlock {
     pub d: f32,
+    pub s: f32,
     pub sum: i32,
     pub qs: [i8; 32],
 }
@@ -75,8 +77,14 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
     }
 }
 
+fn f16_round(x: f32) -> f32 {
+    f16::from_f32(x).to_f32()
+}
+
 /// Quantizes `n` rows of `cols` activations (cols a multiple of 32) into Q8 blocks,
-/// row after row, with ggml's rounding (scale = max|x| / 127, round half away from zero).
+/// row after row, as ggml's SIMD path does (scale = max|x| / 127, round half to
+/// even, scale and sum stored at f16 precision): matching its rounding keeps
+/// greedy output on llama.cpp's path.
 pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> Vec<ActBlock> {
     debug_assert_eq!(cols % 32, 0);
     let mut out = Vec::with_capacity(n * cols / 32);
@@ -87,10 +95,15 @@ pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> Vec<ActBlock> {
         let mut qs = [0i8; 32];
         let mut sum = 0i32;
         for (q, &v) in qs.iter_mut().zip(block) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
-        out.push(ActBlock { d, sum, qs });
+        out.push(ActBlock {
+            d: f16_round(d),
+            s: f16_round(sum as f32 * d),
+            sum,
+            qs,
+        });
     }
     out
 }
