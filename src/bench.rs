@@ -62,7 +62,10 @@ fn synthetic_prompt(len: usize, salt: u64, vocab: usize) -> Vec<u32> {
 }
 
 /// Runs requests to completion; returns (first token time, last token time, tokens) per request.
-fn run_all(engine: &Engine, requests: Vec<Request>) -> anyhow::Result<Vec<(Instant, Instant, usize)>> {
+fn run_all(
+    engine: &Engine,
+    requests: Vec<Request>,
+) -> anyhow::Result<Vec<(Instant, Instant, usize)>> {
     let handles = requests
         .into_iter()
         .map(|r| engine.submit(r))
@@ -115,11 +118,27 @@ struct LlamaBenchRow {
 }
 
 /// Runs llama.cpp's llama-bench (pp512, tg128) and returns (prefill, decode) tok/s.
-fn llama_bench(bin: &Path, model: &Path, threads: usize, reps: usize) -> anyhow::Result<(f64, f64)> {
+fn llama_bench(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    reps: usize,
+) -> anyhow::Result<(f64, f64)> {
     let out = std::process::Command::new(bin)
         .args(["-m"])
         .arg(model)
-        .args(["-t", &threads.to_string(), "-p", "512", "-n", "128", "-r", &reps.to_string(), "-o", "json"])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-p",
+            "512",
+            "-n",
+            "128",
+            "-r",
+            &reps.to_string(),
+            "-o",
+            "json",
+        ])
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     anyhow::ensure!(
@@ -127,7 +146,8 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, reps: usize) -> anyhow:
         "llama-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<LlamaBenchRow> = serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
+    let rows: Vec<LlamaBenchRow> =
+        serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
     let pp = rows.iter().find(|r| r.n_prompt > 0 && r.n_gen == 0);
     let tg = rows.iter().find(|r| r.n_gen > 0 && r.n_prompt == 0);
     match (pp, tg) {
@@ -181,7 +201,10 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
     };
     let mut decode = Vec::new();
     for _ in 0..reps {
-        decode.push(rate(&run_all(&engine, vec![decode_request(next_prompt(1))])?));
+        decode.push(rate(&run_all(
+            &engine,
+            vec![decode_request(next_prompt(1))],
+        )?));
     }
     let mut batch = Vec::new();
     for _ in 0..reps {
@@ -240,7 +263,10 @@ fn print_table(r: &EngineBenchReport) {
         r.decode_tok_s,
         llama(r.llamacpp_decode_tok_s)
     );
-    println!("{:<34} {:>12.1}", "decode, 8 streams (total tok/s)", r.batch8_decode_tok_s);
+    println!(
+        "{:<34} {:>12.1}",
+        "decode, 8 streams (total tok/s)", r.batch8_decode_tok_s
+    );
     println!(
         "decode bound: {:.1} GB/s read / {:.1} MB per token = {:.0} tok/s",
         r.read_bandwidth_gb_s,

@@ -56,10 +56,10 @@ pub fn prompt_ids(engine: &Engine, prompt: &PromptKind) -> anyhow::Result<Vec<u3
     };
     let tok = engine.tokenizer();
     let mut ids = Vec::new();
-    if tok.add_bos() {
-        if let Some(bos) = tok.bos() {
-            ids.push(bos);
-        }
+    if tok.add_bos()
+        && let Some(bos) = tok.bos()
+    {
+        ids.push(bos);
     }
     let body = tok.encode(&text, true);
     // A template that writes the BOS text itself must not get a second one.

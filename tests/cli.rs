@@ -43,7 +43,10 @@ fn generate_chat_json_matches_llamacpp_prompt_and_first_tokens() {
     let ours = out["output_ids"].as_array().expect("output ids");
     assert_eq!(ours.len(), 8);
     // The first tokens of this case have no near ties in llama.cpp's output.
-    assert_eq!(ours[..4], case["completion_ids"].as_array().expect("ids")[..4]);
+    assert_eq!(
+        ours[..4],
+        case["completion_ids"].as_array().expect("ids")[..4]
+    );
     let top = out["top_logprobs"].as_array().expect("top logprobs");
     assert_eq!(top.len(), 8);
     for step in top {
@@ -56,7 +59,13 @@ fn generate_chat_json_matches_llamacpp_prompt_and_first_tokens() {
 #[test]
 fn missing_model_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"])
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ])
         .output()
         .expect("run tandem");
     assert!(!out.status.success());

@@ -88,10 +88,16 @@ impl EngineConfig {
     fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::Config(m));
         if !(1..=1024).contains(&self.block_size) {
-            return bad(format!("block_size {} must be in 1..=1024", self.block_size));
+            return bad(format!(
+                "block_size {} must be in 1..=1024",
+                self.block_size
+            ));
         }
         if self.kv_cache_tokens < self.block_size {
-            return bad(format!("kv_cache_tokens {} is less than one block", self.kv_cache_tokens));
+            return bad(format!(
+                "kv_cache_tokens {} is less than one block",
+                self.kv_cache_tokens
+            ));
         }
         if self.max_batch_tokens == 0 || self.max_running == 0 {
             return bad("max_batch_tokens and max_running must be positive".into());
@@ -286,7 +292,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.shared.config.name).finish()
+        f.debug_struct("Engine")
+            .field("model", &self.shared.config.name)
+            .finish()
     }
 }
 
@@ -295,7 +303,8 @@ impl Engine {
     pub fn load(path: impl AsRef<Path>, config: EngineConfig) -> Result<Self, EngineError> {
         config.validate()?;
         let file = GgufFile::open(path)?;
-        let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let tokenizer =
+            Tokenizer::from_gguf(&file).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         // A model without a chat template can still complete raw prompts.
         let chat_template = ChatTemplate::from_gguf(&file).ok();
         let model = Model::load(file)?;
@@ -304,7 +313,9 @@ impl Engine {
         let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
-        let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = config
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("tandem-compute-{i}"))
@@ -394,8 +405,15 @@ impl Engine {
                 what: "KV cache capacity",
             });
         }
-        request.sampling.validate().map_err(|e| EngineError::Sampling(e.to_string()))?;
-        if let Some(vocab) = request.prompt.iter().find(|&&t| t as usize >= s.config.vocab_size) {
+        request
+            .sampling
+            .validate()
+            .map_err(|e| EngineError::Sampling(e.to_string()))?;
+        if let Some(vocab) = request
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= s.config.vocab_size)
+        {
             return Err(EngineError::Config(format!(
                 "token id {vocab} is outside the vocabulary of {}",
                 s.config.vocab_size
@@ -404,7 +422,9 @@ impl Engine {
         if let Some(kv) = &request.imported_kv {
             check_import(kv, &request.prompt, s.layout)?;
         }
-        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = tmpsc::unbounded_channel();
         self.commands
             .send(Command::Submit(id, Box::new(request), tx))
@@ -447,10 +467,10 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("engine thread panicked");
-            }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("engine thread panicked");
         }
     }
 }
@@ -549,7 +569,10 @@ impl Core {
             } else {
                 None
             };
-            for cmd in first.into_iter().chain(std::iter::from_fn(|| commands.try_recv().ok())) {
+            for cmd in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| commands.try_recv().ok()))
+            {
                 if !self.handle(cmd) {
                     self.cancel_all();
                     return;
@@ -595,7 +618,8 @@ impl Core {
                 let result = match self.retained.remove(&id) {
                     None => Err(EngineError::UnknownRequest(id)),
                     Some(r) => {
-                        let mut data = Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
+                        let mut data =
+                            Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
                         for &b in &r.blocks {
                             for l in 0..self.shared.layout.n_layers {
                                 data.extend_from_slice(self.cache.piece_bytes(b, l));
@@ -622,7 +646,11 @@ impl Core {
     }
 
     fn cancel_all(&mut self) {
-        let seqs: Vec<Sequence> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        let seqs: Vec<Sequence> = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect();
         for seq in seqs {
             self.finish(seq, FinishReason::Cancelled);
         }
@@ -638,12 +666,20 @@ impl Core {
     fn admit(&mut self) {
         let bs = self.shared.layout.block_size;
         while self.running.len() < self.config.max_running {
-            let Some(mut seq) = self.waiting.pop_front() else { break };
+            let Some(mut seq) = self.waiting.pop_front() else {
+                break;
+            };
             let hashes = self.cache.hasher().hash_prefix(&seq.tokens);
             // At least the last token is always computed, to get its logits.
             let reusable = (seq.tokens.len() - 1) / bs;
-            let mut blocks = self.cache.acquire_prefix(&hashes[..reusable.min(hashes.len())]);
-            let import = seq.request.imported_kv.as_ref().map(|kv| kv.tokens.len().div_ceil(bs));
+            let mut blocks = self
+                .cache
+                .acquire_prefix(&hashes[..reusable.min(hashes.len())]);
+            let import = seq
+                .request
+                .imported_kv
+                .as_ref()
+                .map(|kv| kv.tokens.len().div_ceil(bs));
             let import_blocks = import.unwrap_or(0).saturating_sub(blocks.len());
             // Blocks for the rest of the context and the first generated token.
             let needed = (seq.tokens.len() + 1).div_ceil(bs) - blocks.len();
@@ -663,7 +699,8 @@ impl Core {
                 };
                 let layout = self.shared.layout;
                 for (i, &b) in new.iter().enumerate() {
-                    let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..][..layout.block_bytes()];
+                    let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..]
+                        [..layout.block_bytes()];
                     for (l, piece) in src.chunks_exact(layout.piece_bytes()).enumerate() {
                         self.cache.piece_bytes_mut(b, l).copy_from_slice(piece);
                     }
@@ -683,7 +720,9 @@ impl Core {
     /// Returns the running sequence admitted last to the front of the queue,
     /// freeing its blocks; its full blocks stay cached, so re-admission is cheap.
     fn preempt_last(&mut self) -> bool {
-        let Some(mut seq) = self.running.pop() else { return false };
+        let Some(mut seq) = self.running.pop() else {
+            return false;
+        };
         tracing::debug!(id = seq.id, "preempting sequence for lack of KV blocks");
         let blocks = std::mem::take(&mut seq.blocks);
         self.release_blocks(&blocks);
@@ -759,7 +798,9 @@ impl Core {
                 }
             })
             .collect();
-        let logits = self.model.forward(&mut self.cache, &batch, &mut self.scratch);
+        let logits = self
+            .model
+            .forward(&mut self.cache, &batch, &mut self.scratch);
         drop(batch);
         self.steps += 1;
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
@@ -772,7 +813,9 @@ impl Core {
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
             if seq.computed == seq.tokens.len() {
-                let sampled = seq.sampler.sample(&logits[row * vocab..(row + 1) * vocab], &seq.tokens);
+                let sampled = seq
+                    .sampler
+                    .sample(&logits[row * vocab..(row + 1) * vocab], &seq.tokens);
                 row += 1;
                 if let Some(reason) = accept(&self.shared, seq, sampled) {
                     done.push((i, reason));
@@ -843,7 +886,9 @@ fn register_full_blocks(cache: &mut KvCache, seq: &mut Sequence) {
     while (seq.hashes.len() + 1) * bs <= seq.computed {
         let i = seq.hashes.len();
         let parent = seq.hashes.last().copied();
-        let hash = cache.hasher().hash_block(parent, &seq.tokens[i * bs..(i + 1) * bs]);
+        let hash = cache
+            .hasher()
+            .hash_block(parent, &seq.tokens[i * bs..(i + 1) * bs]);
         cache.register(seq.blocks[i], parent, hash);
         seq.hashes.push(hash);
     }
@@ -854,7 +899,8 @@ fn accept(shared: &Shared, seq: &mut Sequence, sampled: SampledToken) -> Option<
     let tok = sampled.id;
     seq.tokens.push(tok);
     let tokenizer = &shared.tokenizer;
-    let eog = !seq.request.ignore_eos && tokenizer.is_eog(tok) || seq.request.stop_token_ids.contains(&tok);
+    let eog = !seq.request.ignore_eos && tokenizer.is_eog(tok)
+        || seq.request.stop_token_ids.contains(&tok);
     let mut reason = None;
     let mut text = String::new();
     if eog {
@@ -941,7 +987,12 @@ mod tests {
             block_size: 0,
             ..EngineConfig::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("block_size"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("block_size")
+        );
         assert!(EngineConfig::default().validate().is_ok());
     }
 }

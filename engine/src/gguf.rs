@@ -93,7 +93,8 @@ impl GgmlType {
 
     /// Bytes of a row of `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_elems() == 0).then(|| n / self.block_elems() * self.block_bytes())
+        n.is_multiple_of(self.block_elems())
+            .then(|| n / self.block_elems() * self.block_bytes())
     }
 
     /// The name ggml uses for this type.
@@ -411,7 +412,7 @@ impl GgufFile {
                         ty.block_elems()
                     ))
                 })?;
-            if offset as usize % alignment != 0 {
+            if !(offset as usize).is_multiple_of(alignment) {
                 return Err(GgufError::Corrupt(format!(
                     "tensor {name} offset {offset} is not aligned to {alignment}"
                 )));
@@ -611,14 +612,14 @@ pub(crate) mod tests {
             out.extend(offset.to_le_bytes());
             offset += (data.len() as u64 * 4).div_ceil(32) * 32;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         for (_, _, data) in tensors {
             for x in data {
                 out.extend(x.to_le_bytes());
             }
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(32) {
                 out.push(0);
             }
         }

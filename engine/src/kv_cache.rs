@@ -158,7 +158,10 @@ impl KvCache {
 
     /// Number of leading `hashes` cached right now, without side effects.
     pub fn cached_prefix_len(&self, hashes: &[BlockHash]) -> usize {
-        hashes.iter().take_while(|h| self.cached.contains_key(h)).count()
+        hashes
+            .iter()
+            .take_while(|h| self.cached.contains_key(h))
+            .count()
     }
 
     /// Takes a reference on the longest cached prefix of `hashes` and returns its blocks.
@@ -323,7 +326,10 @@ impl KvCache {
         let half = self.layout.half_elems();
         let piece = &mut self.data[r];
         crate::cpu::f32_to_f16(k, &mut piece[slot * width..(slot + 1) * width]);
-        crate::cpu::f32_to_f16(v, &mut piece[half + slot * width..half + (slot + 1) * width]);
+        crate::cpu::f32_to_f16(
+            v,
+            &mut piece[half + slot * width..half + (slot + 1) * width],
+        );
     }
 
     /// The bytes of one block-layer piece.
@@ -403,8 +409,12 @@ mod tests {
         assert_eq!(
             ev.iter().map(|e| &e.kind).collect::<Vec<_>>(),
             vec![
-                &KvEventKind::Removed { hashes: vec![hy[0]] },
-                &KvEventKind::Removed { hashes: vec![hx[0]] }
+                &KvEventKind::Removed {
+                    hashes: vec![hy[0]]
+                },
+                &KvEventKind::Removed {
+                    hashes: vec![hx[0]]
+                }
             ]
         );
         assert_eq!(ev[1].seq, ev[0].seq + 1);
@@ -419,7 +429,10 @@ mod tests {
         let a = c.allocate().expect("block");
         let b = c.allocate().expect("block");
         assert!(c.register(a, None, h));
-        assert!(!c.register(b, None, h), "second holder of a hash stays private");
+        assert!(
+            !c.register(b, None, h),
+            "second holder of a hash stays private"
+        );
         assert_eq!(c.take_events().len(), 1);
         c.release(b);
         assert_eq!(c.num_cached(), 1);
@@ -453,7 +466,10 @@ mod tests {
         c.take_events();
         c.release(a[1]);
         c.clear_unreferenced();
-        assert!(matches!(c.take_events()[0].kind, KvEventKind::Removed { .. }));
+        assert!(matches!(
+            c.take_events()[0].kind,
+            KvEventKind::Removed { .. }
+        ));
         c.release(a[0]);
         c.clear_unreferenced();
         assert_eq!(c.take_events()[0].kind, KvEventKind::Cleared);

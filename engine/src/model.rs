@@ -88,7 +88,9 @@ impl ModelConfig {
         if d_model % n_heads != 0 || n_heads % n_kv_heads != 0 {
             return Err(ModelError::Hyperparameter {
                 key: key("attention.head_count"),
-                reason: format!("{n_heads} heads and {n_kv_heads} KV heads do not divide d_model {d_model}"),
+                reason: format!(
+                    "{n_heads} heads and {n_kv_heads} KV heads do not divide d_model {d_model}"
+                ),
             });
         }
         let head_dim = match file.get(&key("attention.key_length")) {
@@ -184,7 +186,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -352,7 +356,12 @@ impl Model {
     ///
     /// The caller guarantees each block table covers the chunk's positions and
     /// that no two sequences write the same block.
-    pub fn forward(&self, cache: &mut KvCache, batch: &[BatchSeq<'_>], s: &mut Scratch) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        batch: &[BatchSeq<'_>],
+        s: &mut Scratch,
+    ) -> Vec<f32> {
         let c = &self.config;
         let (d, hd) = (c.d_model, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
@@ -362,7 +371,8 @@ impl Model {
         }
         s.token_pos.clear();
         for (i, b) in batch.iter().enumerate() {
-            s.token_pos.extend((0..b.tokens.len()).map(|j| (i, b.start_pos + j)));
+            s.token_pos
+                .extend((0..b.tokens.len()).map(|j| (i, b.start_pos + j)));
         }
 
         // Embedding lookup: one dequantized row per token.
@@ -371,7 +381,11 @@ impl Model {
         let row_bytes = embd.row_bytes();
         for (x, &tok) in s.x.chunks_mut(d).zip(batch.iter().flat_map(|b| b.tokens)) {
             let tok = (tok as usize).min(c.vocab_size - 1);
-            cpu::dequantize_row(embd.ty, &embd.data[tok * row_bytes..(tok + 1) * row_bytes], x);
+            cpu::dequantize_row(
+                embd.ty,
+                &embd.data[tok * row_bytes..(tok + 1) * row_bytes],
+                x,
+            );
         }
 
         resize(&mut s.xn, n * d);
@@ -495,9 +509,9 @@ impl Model {
         let kv_dim = c.n_kv_heads * hd;
         let bs = cache.layout().block_size;
         let scale = 1.0 / (hd as f32).sqrt();
-        out.par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
+        out.par_chunks_mut(hd).enumerate().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, (i, o)| {
                 let (t, h) = (i / c.n_heads, i % c.n_heads);
                 let (seq, pos) = token_pos[t];
                 let blocks = batch[seq].blocks;
@@ -523,7 +537,8 @@ impl Model {
                         cpu::axpy_f16(o, scores[bi * bs + slot], v);
                     }
                 }
-            });
+            },
+        );
     }
 }
 

@@ -68,21 +68,50 @@ impl SamplingParams {
             if ok {
                 Ok(())
             } else {
-                Err(SamplingError { field, value, allowed })
+                Err(SamplingError {
+                    field,
+                    value,
+                    allowed,
+                })
             }
         };
         let t = self.temperature;
-        check((0.0..=2.0).contains(&t), "temperature", t.to_string(), "0 to 2")?;
+        check(
+            (0.0..=2.0).contains(&t),
+            "temperature",
+            t.to_string(),
+            "0 to 2",
+        )?;
         let p = self.top_p;
-        check(p > 0.0 && p <= 1.0, "top_p", p.to_string(), "greater than 0, at most 1")?;
+        check(
+            p > 0.0 && p <= 1.0,
+            "top_p",
+            p.to_string(),
+            "greater than 0, at most 1",
+        )?;
         let m = self.min_p;
         check((0.0..=1.0).contains(&m), "min_p", m.to_string(), "0 to 1")?;
         let r = self.repetition_penalty;
-        check(r > 0.0 && r <= 10.0, "repetition_penalty", r.to_string(), "greater than 0, at most 10")?;
+        check(
+            r > 0.0 && r <= 10.0,
+            "repetition_penalty",
+            r.to_string(),
+            "greater than 0, at most 10",
+        )?;
         let pp = self.presence_penalty;
-        check((-2.0..=2.0).contains(&pp), "presence_penalty", pp.to_string(), "-2 to 2")?;
+        check(
+            (-2.0..=2.0).contains(&pp),
+            "presence_penalty",
+            pp.to_string(),
+            "-2 to 2",
+        )?;
         let fp = self.frequency_penalty;
-        check((-2.0..=2.0).contains(&fp), "frequency_penalty", fp.to_string(), "-2 to 2")?;
+        check(
+            (-2.0..=2.0).contains(&fp),
+            "frequency_penalty",
+            fp.to_string(),
+            "-2 to 2",
+        )?;
         let l = self.logprobs;
         check(l <= MAX_LOGPROBS, "logprobs", l.to_string(), "0 to 20")?;
         Ok(())
@@ -141,7 +170,10 @@ fn entropy_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    nanos
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Picks tokens for one sequence; owns its random state and scratch buffers.
@@ -183,9 +215,14 @@ impl Sampler {
         };
         let top = self.params.logprobs;
         let lse = log_sum_exp(logits);
-        let logprob = logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| l - lse);
+        let logprob = logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - lse);
         let top = if top > 0 {
-            top_n(logits, top).into_iter().map(|(t, l)| (t, l - lse)).collect()
+            top_n(logits, top)
+                .into_iter()
+                .map(|(t, l)| (t, l - lse))
+                .collect()
         } else {
             Vec::new()
         };
@@ -225,7 +262,10 @@ impl Sampler {
         }
         c.truncate(keep);
         let t = p.temperature as f64;
-        let weights: Vec<f64> = c.iter().map(|&(_, l)| ((l - max) as f64 / t).exp()).collect();
+        let weights: Vec<f64> = c
+            .iter()
+            .map(|&(_, l)| ((l - max) as f64 / t).exp())
+            .collect();
         let total: f64 = weights.iter().sum();
         let mut r = self.rng.unit() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -248,7 +288,9 @@ fn apply_penalties(logits: &mut [f32], context: &[u32], p: &SamplingParams) {
         *counts.entry(t).or_default() += 1;
     }
     for (&t, &n) in &counts {
-        let Some(l) = logits.get_mut(t as usize) else { continue };
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
         if *l > 0.0 {
             *l /= p.repetition_penalty;
         } else {
@@ -323,7 +365,10 @@ mod tests {
     }
 
     fn draws(seed: u64, n: usize, p: SamplingParams) -> Vec<u32> {
-        let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..p });
+        let mut s = Sampler::new(SamplingParams {
+            seed: Some(seed),
+            ..p
+        });
         let logits = [1.0f32, 1.5, 0.2, 1.2, 0.9, 0.0];
         (0..n).map(|_| s.sample(&logits, &[]).id).collect()
     }
@@ -416,7 +461,11 @@ mod tests {
             frequency_penalty: 0.05,
             ..params()
         });
-        assert_eq!(s.sample(&logits, &[0]).id, 0, "one occurrence costs 0.05 only");
+        assert_eq!(
+            s.sample(&logits, &[0]).id,
+            0,
+            "one occurrence costs 0.05 only"
+        );
         assert_eq!(s.sample(&logits, &[0, 0, 0]).id, 1);
         // The window only looks back penalty_window tokens.
         let mut s = Sampler::new(SamplingParams {
@@ -437,8 +486,20 @@ mod tests {
             }),
             "temperature"
         );
-        assert_eq!(bad(SamplingParams { top_p: 0.0, ..params() }), "top_p");
-        assert_eq!(bad(SamplingParams { logprobs: 21, ..params() }), "logprobs");
+        assert_eq!(
+            bad(SamplingParams {
+                top_p: 0.0,
+                ..params()
+            }),
+            "top_p"
+        );
+        assert_eq!(
+            bad(SamplingParams {
+                logprobs: 21,
+                ..params()
+            }),
+            "logprobs"
+        );
         assert_eq!(
             bad(SamplingParams {
                 presence_penalty: -2.5,

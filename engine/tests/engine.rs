@@ -3,7 +3,9 @@
 //! cancellation and bad input.
 
 use serde_json::Value;
-use tandem_engine::engine::{Engine, EngineConfig, EngineError, FinishReason, Generation, Request, TokenEvent};
+use tandem_engine::engine::{
+    Engine, EngineConfig, EngineError, FinishReason, Generation, Request, TokenEvent,
+};
 use tandem_engine::paths;
 use tandem_protocol::{BlockHasher, KvEventKind};
 
@@ -33,7 +35,11 @@ fn ids(v: &Value) -> Vec<u32> {
 fn greedy(engine: &Engine, prompt: &[u32], n: usize) -> Generation {
     let mut r = Request::new(prompt.to_vec(), n);
     r.sampling.logprobs = 3;
-    engine.submit(r).expect("submit").wait().expect("generation")
+    engine
+        .submit(r)
+        .expect("submit")
+        .wait()
+        .expect("generation")
 }
 
 fn output_ids(g: &Generation) -> Vec<u32> {
@@ -69,7 +75,10 @@ fn greedy_follows_llamacpp_reference() {
             let lp = |k: usize| alts[k][2].as_f64().expect("alt logprob");
             let near_tie = alts.len() > 1 && lp(0) - lp(1) < 0.1;
             let Some(&ours) = got.get(i) else {
-                panic!("{:?}: stopped after {i} tokens, llama.cpp went on", chat["user"]);
+                panic!(
+                    "{:?}: stopped after {i} tokens, llama.cpp went on",
+                    chat["user"]
+                );
             };
             if ours != want {
                 assert!(
@@ -90,9 +99,17 @@ fn greedy_follows_llamacpp_reference() {
             );
             compared += 1;
         }
-        assert!(compared >= 7, "{:?}: only {compared} tokens agreed", chat["user"]);
+        assert!(
+            compared >= 7,
+            "{:?}: only {compared} tokens agreed",
+            chat["user"]
+        );
         let mean = total_diff / compared as f64;
-        assert!(mean < 0.05, "{:?}: mean logprob difference {mean}", chat["user"]);
+        assert!(
+            mean < 0.05,
+            "{:?}: mean logprob difference {mean}",
+            chat["user"]
+        );
     }
 }
 
@@ -111,7 +128,10 @@ fn batching_does_not_change_greedy_output() {
     let prompts = chat_prompts();
     let alone: Vec<Vec<u32>> = {
         let e = engine(small());
-        prompts.iter().map(|p| output_ids(&greedy(&e, p, 24))).collect()
+        prompts
+            .iter()
+            .map(|p| output_ids(&greedy(&e, p, 24)))
+            .collect()
     };
     let e = engine(EngineConfig {
         max_batch_tokens: 20,
@@ -133,7 +153,10 @@ fn batching_does_not_change_greedy_output() {
 fn preemption_does_not_change_greedy_output() {
     let prompts = chat_prompts();
     let big = engine(small());
-    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| output_ids(&greedy(&big, p, 40))).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| output_ids(&greedy(&big, p, 40)))
+        .collect();
     drop(big);
     // Each sequence needs 5-6 blocks of 16 by its end; 10 blocks cannot hold three.
     let e = engine(EngineConfig {
@@ -186,7 +209,10 @@ fn prefix_reuse_and_events() {
         }
     }
     for h in &expected {
-        assert!(stored.contains(h), "block {h:?} of the prompt was announced");
+        assert!(
+            stored.contains(h),
+            "block {h:?} of the prompt was announced"
+        );
     }
 }
 
@@ -205,7 +231,10 @@ fn exported_kv_decodes_identically_elsewhere() {
     let first = output_ids(&h.wait().expect("prefill"));
     let kv = a.export_kv(id).expect("export");
     assert_eq!(kv.tokens, prompt);
-    assert!(matches!(a.export_kv(id), Err(EngineError::UnknownRequest(_))));
+    assert!(matches!(
+        a.export_kv(id),
+        Err(EngineError::UnknownRequest(_))
+    ));
 
     let b = engine(small());
     let mut cont = prompt.clone();
@@ -230,7 +259,9 @@ fn cancellation_stops_one_request_and_others_go_on() {
     let mut long = Request::new(prompts[0].clone(), 500);
     long.ignore_eos = true;
     let mut h = e.submit(long).expect("submit");
-    let other = e.submit(Request::new(prompts[1].clone(), 8)).expect("submit");
+    let other = e
+        .submit(Request::new(prompts[1].clone(), 8))
+        .expect("submit");
     let mut seen = 0;
     while seen < 2 {
         if let Some(TokenEvent::Token(_)) = h.events.blocking_recv() {
@@ -259,9 +290,15 @@ fn cancellation_stops_one_request_and_others_go_on() {
 #[test]
 fn bad_requests_are_refused_with_reasons() {
     let e = engine(small());
-    assert!(matches!(e.submit(Request::new(vec![], 4)), Err(EngineError::EmptyPrompt)));
+    assert!(matches!(
+        e.submit(Request::new(vec![], 4)),
+        Err(EngineError::EmptyPrompt)
+    ));
     let huge = vec![1u32; 5000];
-    assert!(matches!(e.submit(Request::new(huge, 4)), Err(EngineError::PromptTooLong { .. })));
+    assert!(matches!(
+        e.submit(Request::new(huge, 4)),
+        Err(EngineError::PromptTooLong { .. })
+    ));
     let err = e.submit(Request::new(vec![1, 999_999], 4)).unwrap_err();
     assert!(err.to_string().contains("999999"), "{err}");
     let mut r = Request::new(vec![1, 2, 3], 4);
@@ -292,7 +329,12 @@ fn stop_strings_end_generation_and_are_not_returned() {
     let e = engine(small());
     let free = greedy(&e, &prompt, 24);
     // Stop on a piece of text the model will produce after its first few tokens.
-    let cut = free.text.char_indices().nth(6).map(|(i, _)| i).expect("enough text");
+    let cut = free
+        .text
+        .char_indices()
+        .nth(6)
+        .map(|(i, _)| i)
+        .expect("enough text");
     let stop: String = free.text[cut..].chars().take(3).collect();
     let mut r = Request::new(prompt, 24);
     r.stop = vec![stop.clone()];

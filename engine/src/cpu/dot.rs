@@ -23,11 +23,37 @@ pub(super) fn dot_q(level: Simd, ty: GgmlType, row: &[u8], acts: &[ActBlock]) ->
 }
 
 /// One weight row against `ys.len()` tokens' activation rows of `bpr` blocks each.
-pub(super) fn dot_q_tokens(level: Simd, ty: GgmlType, row: &[u8], acts: &[ActBlock], bpr: usize, ys: &mut [f32]) {
+pub(super) fn dot_q_tokens(
+    level: Simd,
+    ty: GgmlType,
+    row: &[u8],
+    acts: &[ActBlock],
+    bpr: usize,
+    ys: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if level >= Simd::Avx2 {
         let vnni = level == Simd::Avx512Vnni;
-        for (t, y) in ys.iter_mut().enumerate() {
+        // Four tokens at a time: each weight block is unpacked once and dotted four times.
+        let mut start = 0;
+        if matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+            while start + 4 <= ys.len() {
+                let a = |k: usize| &acts[(start + k) * bpr..(start + k + 1) * bpr];
+                let four = [a(0), a(1), a(2), a(3)];
+                // SAFETY: as below; each of the four slices holds `bpr` blocks.
+                let out = unsafe {
+                    match (ty, vnni) {
+                        (GgmlType::Q4_1, true) => q4_1_x4_vnni(row, four),
+                        (GgmlType::Q4_1, false) => q4_1_x4_avx2(row, four),
+                        (_, true) => q8_0_x4_vnni(row, four),
+                        (_, false) => q8_0_x4_avx2(row, four),
+                    }
+                };
+                ys[start..start + 4].copy_from_slice(&out);
+                start += 4;
+            }
+        }
+        for (t, y) in ys.iter_mut().enumerate().skip(start) {
             let a = &acts[t * bpr..(t + 1) * bpr];
             // SAFETY: the level was detected at run time (AVX2, FMA, F16C; and
             // AVX-512 VL/BW/VNNI for `vnni`); rows hold `bpr` whole blocks.
@@ -80,7 +106,9 @@ pub(super) fn scalar(ty: GgmlType, row: &[u8], acts: &[ActBlock]) -> f32 {
         GgmlType::Q8_0 => {
             for (b, a) in row.chunks_exact(34).zip(acts) {
                 let d = f16_at(b, 0);
-                let isum: i32 = (0..32).map(|j| b[2 + j] as i8 as i32 * a.qs[j] as i32).sum();
+                let isum: i32 = (0..32)
+                    .map(|j| b[2 + j] as i8 as i32 * a.qs[j] as i32)
+                    .sum();
                 sum += d * a.d * isum as f32;
             }
         }
@@ -213,12 +241,102 @@ macro_rules! q8_0_kernel {
     };
 }
 
+/// Defines a Q4_1 kernel over four tokens' activations.
+macro_rules! q4_1_x4_kernel {
+    ($name:ident, $dot:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(row: &[u8], acts: [&[ActBlock]; 4]) -> [f32; 4] {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut mins = [0.0f32; 4];
+            for (i, b) in row.chunks_exact(20).enumerate() {
+                // SAFETY: each chunk is a whole 20-byte block; every token has block i.
+                unsafe {
+                    let (d, m) = two_f16(b.as_ptr());
+                    let q = nibbles(b.as_ptr().add(4));
+                    for t in 0..4 {
+                        let a = &acts[t][i];
+                        let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                        let p = _mm256_cvtepi32_ps($dot(q, y));
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), p, acc[t]);
+                        mins[t] += m * a.s;
+                    }
+                }
+            }
+            // SAFETY: same features as this function.
+            unsafe {
+                [
+                    hsum(acc[0]) + mins[0],
+                    hsum(acc[1]) + mins[1],
+                    hsum(acc[2]) + mins[2],
+                    hsum(acc[3]) + mins[3],
+                ]
+            }
+        }
+    };
+}
+
+/// Defines a Q8_0 kernel over four tokens' activations.
+macro_rules! q8_0_x4_kernel {
+    ($name:ident, $dot:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(row: &[u8], acts: [&[ActBlock]; 4]) -> [f32; 4] {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, b) in row.chunks_exact(34).enumerate() {
+                // SAFETY: each chunk is a whole 34-byte block; every token has block i.
+                unsafe {
+                    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                        (b.as_ptr() as *const u16).read_unaligned() as i32,
+                    )));
+                    let w = _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i);
+                    let aw = _mm256_sign_epi8(w, w);
+                    for t in 0..4 {
+                        let a = &acts[t][i];
+                        let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+                        let p = $dot(aw, _mm256_sign_epi8(y, w));
+                        acc[t] =
+                            _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[t]);
+                    }
+                }
+            }
+            // SAFETY: same features as this function.
+            unsafe { [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])] }
+        }
+    };
+}
+
+q4_1_x4_kernel!(q4_1_x4_avx2, dot_us_avx2, "avx2,fma,f16c");
+q4_1_x4_kernel!(
+    q4_1_x4_vnni,
+    dot_us_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+);
+q8_0_x4_kernel!(q8_0_x4_avx2, dot_us_avx2, "avx2,fma,f16c");
+q8_0_x4_kernel!(
+    q8_0_x4_vnni,
+    dot_us_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+);
+
 q4_1_kernel!(q4_1_avx2, dot_us_avx2, "avx2,fma,f16c");
-q4_1_kernel!(q4_1_vnni, dot_us_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni");
+q4_1_kernel!(
+    q4_1_vnni,
+    dot_us_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+);
 q4_0_kernel!(q4_0_avx2, dot_us_avx2, "avx2,fma,f16c");
-q4_0_kernel!(q4_0_vnni, dot_us_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni");
+q4_0_kernel!(
+    q4_0_vnni,
+    dot_us_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+);
 q8_0_kernel!(q8_0_avx2, dot_us_avx2, "avx2,fma,f16c");
-q8_0_kernel!(q8_0_vnni, dot_us_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni");
+q8_0_kernel!(
+    q8_0_vnni,
+    dot_us_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
+);
 
 /// AVX2 dot of f32 with f16.
 ///
@@ -262,7 +380,10 @@ pub(super) unsafe fn axpy_f16_avx2(y: &mut [f32], a: f32, x: &[f16]) {
         unsafe {
             let h = _mm_loadu_si128(x.as_ptr().add(i) as *const __m128i);
             let p = y.as_mut_ptr().add(i);
-            _mm256_storeu_ps(p, _mm256_fmadd_ps(av, _mm256_cvtph_ps(h), _mm256_loadu_ps(p)));
+            _mm256_storeu_ps(
+                p,
+                _mm256_fmadd_ps(av, _mm256_cvtph_ps(h), _mm256_loadu_ps(p)),
+            );
         }
         i += 8;
     }

@@ -45,7 +45,12 @@ pub struct QMatrix<'a> {
 
 impl<'a> QMatrix<'a> {
     /// Checks that `data` holds exactly `rows` rows of `cols` elements.
-    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
         let expected = ty.row_bytes(cols).map(|rb| rb * rows);
         if expected != Some(data.len()) {
             return Err(KernelError::Size {
@@ -56,7 +61,12 @@ impl<'a> QMatrix<'a> {
                 got: data.len(),
             });
         }
-        Ok(Self { ty, rows, cols, data })
+        Ok(Self {
+            ty,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Bytes per row.
@@ -102,7 +112,10 @@ fn detect() -> Simd {
         {
             return Simd::Avx512Vnni;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Simd::Avx2;
         }
     }
@@ -151,12 +164,14 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
                 // Rows outer, tokens inner: each weight row is read once from memory and
                 // reused for every token from L1. Results land row-major and are transposed.
                 let mut tmp = vec![0.0f32; w.rows * n];
-                tmp.par_chunks_mut(chunk * n).enumerate().for_each(|(c, o)| {
-                    for (i, ys) in o.chunks_mut(n).enumerate() {
-                        let row = w.row(c * chunk + i);
-                        dot::dot_q_tokens(level, w.ty, row, &acts, blocks_per_row, ys);
-                    }
-                });
+                tmp.par_chunks_mut(chunk * n)
+                    .enumerate()
+                    .for_each(|(c, o)| {
+                        for (i, ys) in o.chunks_mut(n).enumerate() {
+                            let row = w.row(c * chunk + i);
+                            dot::dot_q_tokens(level, w.ty, row, &acts, blocks_per_row, ys);
+                        }
+                    });
                 transpose(&tmp, w.rows, n, out);
             }
         }

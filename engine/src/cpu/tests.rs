@@ -40,8 +40,12 @@ fn random_row(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
                 out.extend((0..32).map(|_| rng.byte()));
             }
             GgmlType::F32 => (0..32).for_each(|_| out.extend(rng.f32().to_le_bytes())),
-            GgmlType::F16 => (0..32).for_each(|_| out.extend(f16::from_f32(rng.f32()).to_le_bytes())),
-            GgmlType::BF16 => (0..32).for_each(|_| out.extend(half::bf16::from_f32(rng.f32()).to_le_bytes())),
+            GgmlType::F16 => {
+                (0..32).for_each(|_| out.extend(f16::from_f32(rng.f32()).to_le_bytes()))
+            }
+            GgmlType::BF16 => {
+                (0..32).for_each(|_| out.extend(half::bf16::from_f32(rng.f32()).to_le_bytes()))
+            }
         }
     }
     out
@@ -101,19 +105,48 @@ fn quantized_dots_match_scalar_and_reference_at_every_level() {
                 dequantize_row(ty, &row, &mut w);
                 w.iter().map(|v| v.abs() as f64).sum()
             };
-            assert!((want as f64 - exact).abs() <= wmax / 254.0 + 1e-4, "{ty:?} {blocks}: {want} vs {exact}");
+            assert!(
+                (want as f64 - exact).abs() <= wmax / 254.0 + 1e-4,
+                "{ty:?} {blocks}: {want} vs {exact}"
+            );
             for level in levels() {
                 let mut y = [0.0f32];
                 dot_q_tokens(level, ty, &row, &acts, blocks, &mut y);
                 let tol = 1e-5 * (1.0 + want.abs());
-                assert!((y[0] - want).abs() <= tol, "{ty:?} {blocks} {level:?}: {} vs {want}", y[0]);
+                assert!(
+                    (y[0] - want).abs() <= tol,
+                    "{ty:?} {blocks} {level:?}: {} vs {want}",
+                    y[0]
+                );
+            }
+            // Several tokens at once (the 4-token kernels and the remainder).
+            let n = 7;
+            let xs: Vec<f32> = (0..n * blocks * 32).map(|_| rng.f32()).collect();
+            let acts = quantize_acts(&xs, n, blocks * 32);
+            let want: Vec<f32> = (0..n)
+                .map(|t| scalar(ty, &row, &acts[t * blocks..(t + 1) * blocks]))
+                .collect();
+            for level in levels() {
+                let mut ys = vec![0.0f32; n];
+                dot_q_tokens(level, ty, &row, &acts, blocks, &mut ys);
+                for t in 0..n {
+                    let tol = 1e-5 * (1.0 + want[t].abs());
+                    assert!(
+                        (ys[t] - want[t]).abs() <= tol,
+                        "{ty:?} {level:?} token {t}: {} vs {}",
+                        ys[t],
+                        want[t]
+                    );
+                }
             }
         }
     }
 }
 
 fn check_matmul(ty: GgmlType, rows: usize, cols: usize, n: usize, rng: &mut Rng) {
-    let data: Vec<u8> = (0..rows).flat_map(|_| random_row(rng, ty, cols / 32)).collect();
+    let data: Vec<u8> = (0..rows)
+        .flat_map(|_| random_row(rng, ty, cols / 32))
+        .collect();
     let w = QMatrix::new(ty, rows, cols, &data).expect("sizes");
     let x: Vec<f32> = (0..n * cols).map(|_| rng.f32()).collect();
     let mut out = vec![0.0; n * rows];
@@ -129,7 +162,10 @@ fn check_matmul(ty: GgmlType, rows: usize, cols: usize, n: usize, rng: &mut Rng)
             } else {
                 abs_row_sum(ty, w.row(r), cols) / 254.0 + 1e-4
             };
-            assert!((got - exact).abs() <= tol, "{ty:?} t{t} r{r}: {got} vs {exact}");
+            assert!(
+                (got - exact).abs() <= tol,
+                "{ty:?} t{t} r{r}: {got} vs {exact}"
+            );
         }
     }
 }
@@ -174,7 +210,10 @@ fn matmul_on_real_model_tensors() {
                 let exact = reference_dot(info.ty, w.row(r), &x[t * cols..(t + 1) * cols]);
                 let got = out[t * rows + r] as f64;
                 let tol = abs_row_sum(info.ty, w.row(r), cols) / 254.0 + 1e-4;
-                assert!((got - exact).abs() <= tol, "{name} t{t} r{r}: {got} vs {exact}");
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{name} t{t} r{r}: {got} vs {exact}"
+                );
             }
         }
     }
