@@ -162,17 +162,23 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
                 });
             } else {
                 // Rows outer, tokens inner: each weight row is read once from memory and
-                // reused for every token from L1. Results land row-major and are transposed.
-                let mut tmp = vec![0.0f32; w.rows * n];
-                tmp.par_chunks_mut(chunk * n)
-                    .enumerate()
-                    .for_each(|(c, o)| {
-                        for (i, ys) in o.chunks_mut(n).enumerate() {
-                            let row = w.row(c * chunk + i);
-                            dot::dot_q_tokens(level, w.ty, row, &acts, blocks_per_row, ys);
+                // reused for every token from cache. Tasks own disjoint rows and write
+                // their results straight into the token-major output.
+                let out_ptr = SharedOut(out.as_mut_ptr());
+                let rows = w.rows;
+                (0..rows.div_ceil(chunk)).into_par_iter().for_each_init(
+                    || vec![0.0f32; n],
+                    |ys, c| {
+                        for r in c * chunk..((c + 1) * chunk).min(rows) {
+                            dot::dot_q_tokens(level, w.ty, w.row(r), &acts, blocks_per_row, ys);
+                            for (t, &y) in ys.iter().enumerate() {
+                                // SAFETY: t < n and r < rows, so the index is inside `out`
+                                // (n * rows long), and no other task writes row r.
+                                unsafe { out_ptr.write(t * rows + r, y) };
+                            }
                         }
-                    });
-                transpose(&tmp, w.rows, n, out);
+                    },
+                );
             }
         }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
@@ -190,6 +196,24 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
             );
             transpose(&tmp, w.rows, n, out);
         }
+    }
+}
+
+/// The output of a matrix product, written by parallel tasks that each own distinct rows.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint indices, and the borrow of the output outlives them all.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be in bounds and written by no other task.
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(i).write(v) }
     }
 }
 
