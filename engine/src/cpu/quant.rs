@@ -87,23 +87,44 @@ fn f16_round(x: f32) -> f32 {
 /// greedy output on llama.cpp's path.
 pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> Vec<ActBlock> {
     debug_assert_eq!(cols % 32, 0);
-    let mut out = Vec::with_capacity(n * cols / 32);
-    for block in x[..n * cols].chunks_exact(32) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut qs = [0i8; 32];
-        let mut sum = 0i32;
-        for (q, &v) in qs.iter_mut().zip(block) {
-            *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
-        }
-        out.push(ActBlock {
-            d: f16_round(d),
-            s: f16_round(sum as f32 * d),
-            sum,
-            qs,
-        });
+    let empty = ActBlock {
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+        qs: [0; 32],
+    };
+    let mut out = vec![empty; n * cols / 32];
+    let quantize = |(o, block): (&mut ActBlock, &[f32])| *o = quantize_block(block);
+    if n >= 16 {
+        use rayon::prelude::*;
+        out.par_iter_mut()
+            .zip(x[..n * cols].par_chunks_exact(32))
+            .for_each(quantize);
+    } else {
+        out.iter_mut()
+            .zip(x[..n * cols].chunks_exact(32))
+            .for_each(quantize);
     }
     out
+}
+
+fn quantize_block(block: &[f32]) -> ActBlock {
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer, ties to even
+    // (the FPU's default mode), for |v| < 2^22; quantized values are within ±127.
+    const ROUND: f32 = 12_582_912.0;
+    let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; 32];
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(block) {
+        *q = ((v * id + ROUND) - ROUND) as i8;
+        sum += *q as i32;
+    }
+    ActBlock {
+        d: f16_round(d),
+        s: f16_round(sum as f32 * d),
+        sum,
+        qs,
+    }
 }

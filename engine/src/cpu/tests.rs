@@ -268,6 +268,20 @@ fn vector_kernels_match_scalar_reference() {
 }
 
 #[test]
+fn activation_rounding_is_ties_to_even() {
+    // 127 · (v / max) lands exactly on .5 for these values.
+    let mut x = [0.0f32; 32];
+    x[0] = 127.0;
+    x[1] = 2.5;
+    x[2] = 3.5;
+    x[3] = -2.5;
+    x[4] = 0.4;
+    let b = quantize_acts(&x, 1, 32)[0];
+    assert_eq!(&b.qs[..5], &[127, 2, 4, -2, 0]);
+    assert_eq!(b.sum, 127 + 2 + 4 - 2);
+}
+
+#[test]
 fn qmatrix_checks_sizes() {
     assert!(QMatrix::new(GgmlType::Q4_1, 2, 64, &[0u8; 80]).is_ok());
     assert!(QMatrix::new(GgmlType::Q4_1, 2, 64, &[0u8; 79]).is_err());
