@@ -180,7 +180,7 @@ macro_rules! q4_1_kernel {
                     let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                     let p = _mm256_cvtepi32_ps($dot(q, y));
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), p, acc);
-                    acc_min += m * a.s;
+                    acc_min = m.mul_add(a.s, acc_min);
                 }
             }
             // SAFETY: same features as this function.
@@ -259,7 +259,7 @@ macro_rules! q4_1_x4_kernel {
                         let y = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
                         let p = _mm256_cvtepi32_ps($dot(q, y));
                         acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), p, acc[t]);
-                        mins[t] += m * a.s;
+                        mins[t] = m.mul_add(a.s, mins[t]);
                     }
                 }
             }

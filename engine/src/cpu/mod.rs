@@ -6,8 +6,12 @@
 //! quants, 32 × i8), and then dots each quantized weight row against them
 //! with integer SIMD, as ggml does, which also keeps the numerics close to
 //! llama.cpp's. The SIMD level is detected at run time; `TANDEM_SIMD=scalar`
-//! (or `avx2`) forces a lower one.
+//! (or `avx2`) forces a lower one. Several tokens at once take the AVX-512
+//! token-pair kernels of `avx512`, which give every token the same bits as the
+//! one-token kernels.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod dot;
 mod quant;
 
@@ -150,6 +154,11 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
     }
     let level = simd();
     let chunk = rows_per_task(w.rows, n);
+    #[cfg(target_arch = "x86_64")]
+    if n > 1 && level == Simd::Avx512Vnni && avx512::supports(w.ty) {
+        matmul_token_pairs(w, x, n, chunk, out);
+        return;
+    }
     match w.ty {
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
             let blocks_per_row = w.cols / 32;
@@ -197,6 +206,54 @@ pub fn matmul(w: &QMatrix<'_>, x: &[f32], n: usize, out: &mut [f32]) {
             transpose(&tmp, w.rows, n, out);
         }
     }
+}
+
+/// Token pairs per tile in the pair kernels: eight tokens' accumulators fit the
+/// registers with room to spare.
+#[cfg(target_arch = "x86_64")]
+const TILE_PAIRS: usize = 4;
+
+/// `matmul` on the AVX-512 token-pair kernels. Each task owns `chunk` rows; it
+/// walks the tokens in tiles of eight and, within a tile, its rows, so a tile's
+/// activations and the task's rows both stay in cache.
+#[cfg(target_arch = "x86_64")]
+fn matmul_token_pairs(w: &QMatrix<'_>, x: &[f32], n: usize, chunk: usize, out: &mut [f32]) {
+    let acts = avx512::TokenPairActs::quantize(w.ty, x, n, w.cols);
+    let rows = w.rows;
+    let pairs = n.div_ceil(2);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let task_rows = c * chunk..((c + 1) * chunk).min(rows);
+        let mut first = 0;
+        while first < pairs {
+            let tile = if pairs - first >= TILE_PAIRS {
+                TILE_PAIRS
+            } else {
+                1
+            };
+            for r in task_rows.clone() {
+                let row = w.row(r);
+                // SAFETY: `simd()` found AVX-512 VNNI and `supports` the type, so rows
+                // hold whole blocks; every pair index is below `pairs`.
+                let ys: &[[f32; 2]] = unsafe {
+                    if tile == TILE_PAIRS {
+                        &avx512::dot_row::<TILE_PAIRS>(w.ty, row, &acts, first)
+                    } else {
+                        &avx512::dot_row::<1>(w.ty, row, &acts, first)
+                    }
+                };
+                for (t, &y) in ys.iter().flatten().enumerate() {
+                    let token = 2 * first + t;
+                    if token < n {
+                        // SAFETY: token < n and r < rows, so the index is inside `out`,
+                        // and no other task writes row r.
+                        unsafe { out_ptr.write(token * rows + r, y) };
+                    }
+                }
+            }
+            first += tile;
+        }
+    });
 }
 
 /// The output of a matrix product, written by parallel tasks that each own distinct rows.

@@ -108,7 +108,7 @@ pub(crate) fn quantize_acts(x: &[f32], n: usize, cols: usize) -> Vec<ActBlock> {
     out
 }
 
-fn quantize_block(block: &[f32]) -> ActBlock {
+pub(super) fn quantize_block(block: &[f32]) -> ActBlock {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer, ties to even
     // (the FPU's default mode), for |v| < 2^22; quantized values are within ±127.
     const ROUND: f32 = 12_582_912.0;

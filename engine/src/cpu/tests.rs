@@ -143,6 +143,63 @@ fn quantized_dots_match_scalar_and_reference_at_every_level() {
     }
 }
 
+/// The token-pair kernels give each token bit for bit what the one-token kernel
+/// gives it, so batching never changes a result.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn token_pair_kernels_equal_one_token_kernels() {
+    if detect() < Simd::Avx512Vnni {
+        return;
+    }
+    let mut rng = Rng(0x0dd_ba11);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for blocks in [1, 3, 18, 48] {
+            let cols = blocks * 32;
+            let row = random_row(&mut rng, ty, blocks);
+            let n = 13;
+            let xs: Vec<f32> = (0..n * cols).map(|_| rng.f32() * 3.0).collect();
+            let single = quantize_acts(&xs, n, cols);
+            let pairs = avx512::TokenPairActs::quantize(ty, &xs, n, cols);
+            let want: Vec<f32> = (0..n)
+                .map(|t| {
+                    dot::dot_q(
+                        Simd::Avx512Vnni,
+                        ty,
+                        &row,
+                        &single[t * blocks..(t + 1) * blocks],
+                    )
+                })
+                .collect();
+            let check = |first_pair: usize, got: &[[f32; 2]]| {
+                for (k, &y) in got.iter().flatten().enumerate() {
+                    let t = 2 * first_pair + k;
+                    let w = if t < n { want[t] } else { 0.0 };
+                    if ty == GgmlType::Q4_0 {
+                        // The one-token Q4_0 kernel subtracts the offset in f32.
+                        assert!(
+                            (y - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{ty:?} {blocks} token {t}: {y} vs {w}"
+                        );
+                    } else {
+                        assert_eq!(
+                            y.to_bits(),
+                            w.to_bits(),
+                            "{ty:?} {blocks} token {t}: {y} vs {w}"
+                        );
+                    }
+                }
+            };
+            // SAFETY: AVX-512 VNNI was detected; every call stays inside the 7 pairs.
+            unsafe {
+                check(0, &avx512::dot_row::<4>(ty, &row, &pairs, 0));
+                for first in 4..7 {
+                    check(first, &avx512::dot_row::<1>(ty, &row, &pairs, first));
+                }
+            }
+        }
+    }
+}
+
 fn check_matmul(ty: GgmlType, rows: usize, cols: usize, n: usize, rng: &mut Rng) {
     let data: Vec<u8> = (0..rows)
         .flat_map(|_| random_row(rng, ty, cols / 32))
@@ -190,6 +247,7 @@ fn matmul_matches_reference_for_one_and_many_tokens() {
         check_matmul(ty, 67, 96, 1, &mut rng);
         check_matmul(ty, 67, 96, 5, &mut rng);
         check_matmul(ty, 130, 64, 17, &mut rng);
+        check_matmul(ty, 70, 128, 30, &mut rng);
     }
 }
 
