@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc};
@@ -806,20 +807,34 @@ impl Core {
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
 
         let vocab = self.shared.config.vocab_size;
+        // Sequences whose whole prompt is now computed sample their next token, each
+        // from its logits row, in parallel.
+        let mut sampling = vec![None; self.running.len()];
         let mut row = 0;
-        let mut done = Vec::new();
         for &(i, take) in &plan {
             let seq = &mut self.running[i];
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
             if seq.computed == seq.tokens.len() {
-                let sampled = seq
-                    .sampler
-                    .sample(&logits[row * vocab..(row + 1) * vocab], &seq.tokens);
+                sampling[i] = Some(row);
                 row += 1;
-                if let Some(reason) = accept(&self.shared, seq, sampled) {
-                    done.push((i, reason));
-                }
+            }
+        }
+        let sampled: Vec<(usize, SampledToken)> = self
+            .running
+            .par_iter_mut()
+            .zip(sampling)
+            .enumerate()
+            .filter_map(|(i, (seq, row))| {
+                let row = row?;
+                let logits = &logits[row * vocab..(row + 1) * vocab];
+                Some((i, seq.sampler.sample(logits, &seq.tokens)))
+            })
+            .collect();
+        let mut done = Vec::new();
+        for (i, token) in sampled {
+            if let Some(reason) = accept(&self.shared, &mut self.running[i], token) {
+                done.push((i, reason));
             }
         }
         // Remove finished sequences from the back so indices stay valid.
