@@ -8,5 +8,15 @@
 mod block_hash;
 mod kv_event;
 
+/// gRPC services shared by the cluster's processes.
+#[cfg(feature = "grpc")]
+pub mod grpc {
+    /// The control-plane store service (`proto/store.proto`).
+    pub mod store {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("tandem.store.v1");
+    }
+}
+
 pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
 pub use kv_event::{KvEvent, KvEventKind};

@@ -1,0 +1,22 @@
+//! The control plane's storage: one [`Store`] trait for membership, model cards
+//! and planner state, with etcd's semantics (a global revision per write, prefix
+//! watches that resume from a revision, leases that delete their keys when they
+//! expire, compare-and-swap transactions).
+//!
+//! - [`MemStore`] is the embedded store: the state machine in memory, with a
+//!   bounded history for watch resumption and a reaper for expired leases.
+//! - [`serve`] offers a `MemStore` to other processes over gRPC, and
+//!   [`RemoteStore`] is the client: a process talks to the cluster's store
+//!   through it, and its watches reconnect and resume where they left off.
+
+mod mem;
+mod remote;
+mod service;
+mod store;
+
+pub use mem::MemStore;
+pub use remote::RemoteStore;
+pub use service::serve;
+pub use store::{
+    Compare, Event, KeyValue, LeaseId, Revision, Store, StoreError, TxnOp, WatchStream,
+};
