@@ -34,3 +34,4 @@ pub use error::TransferError;
 pub use metrics::{MetricsSnapshot, TransferMetrics};
 pub use receiver::{BlockSink, KvReceiver, MemoryPool, PendingTransfer, TransferReport};
 pub use transport::{Progress, Session, StreamWriter, TransferWriter, Transport, send_kv_stream};
+pub use wire::ByteStream;

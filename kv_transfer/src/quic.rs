@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{
+    Connection, Endpoint, EndpointConfig, MtuDiscoveryConfig, RecvStream, SendStream,
+    TransportConfig, VarInt,
+};
 use tokio::sync::Mutex;
 
 use crate::tls::NodeIdentity;
@@ -22,20 +25,55 @@ use crate::{
 };
 
 /// Bytes a transfer may have in flight on one stream (per-stream receive window).
-pub const STREAM_WINDOW: u32 = 16 << 20;
-/// Bytes in flight over all streams of one connection.
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
+pub const STREAM_WINDOW: u32 = 4 << 20;
+/// Bytes in flight over all streams of one connection. Kept within what the
+/// receiving socket buffer holds ([`SOCKET_BUFFER`]): a larger window lets
+/// bursts overflow it, and every drop halves the congestion window.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
 /// Concurrent transfers one peer may have open towards a receiver.
 pub const MAX_TRANSFERS_PER_PEER: u32 = 256;
-
 /// Keep-alive period of an idle connection.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// A peer silent this long is gone: its transfers fail as disconnected.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest UDP payload either end sends or accepts (the IPv4 maximum). Path
+/// MTU discovery climbs towards it from a safe 1,200 bytes, so on loopback or
+/// jumbo-frame links each packet carries far more data per header,
+/// encryption call and acknowledgement, while an ordinary 1,500-byte link
+/// settles at its own MTU.
+pub const MAX_UDP_PAYLOAD: u16 = 65_507;
+/// Requested socket buffer size (the kernel caps it at `net.core.rmem_max`
+/// and `wmem_max`): the default ~200 KiB holds only a few large datagrams.
+pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Transport settings for both ends, tuned for bulk transfer: windows large
-/// enough to keep a fast link busy (bandwidth × delay) yet bounded, and
-/// keep-alives so an idle connection to a peer survives between transfers.
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransferError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let io = |e: std::io::Error| TransferError::Io(format!("binding {addr}: {e}"));
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(io)?;
+    // Best effort: a smaller buffer only costs throughput.
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.bind(&addr.into()).map_err(io)?;
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| TransferError::Io(e.to_string()))?;
+    Endpoint::new(config, server, sock.into(), Arc::new(quinn::TokioRuntime)).map_err(io)
+}
+
+/// Transport settings for both ends, tuned for bulk transfer: bounded
+/// windows, large datagrams, keep-alives so the connection to a peer survives
+/// between transfers and a dead peer is noticed within [`IDLE_TIMEOUT`].
+///
+/// Segmentation offload (GSO) is off: it batches up to ten datagrams per
+/// system call, which pays with 1,500-byte packets, but the kernel refuses
+/// batches over 64 KiB, so with the large datagrams above every batch would
+/// fail and look like loss. Measured on loopback (docs/benchmarks.md), one
+/// large datagram per call beats GSO with small ones.
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
@@ -43,7 +81,11 @@ fn transport_config() -> Arc<TransportConfig> {
         .send_window(u64::from(CONNECTION_WINDOW))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_TRANSFERS_PER_PEER))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .keep_alive_interval(Some(KEEP_ALIVE));
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .enable_segmentation_offload(false);
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
@@ -88,8 +130,7 @@ impl QuicListener {
         identity: &NodeIdentity,
         receiver: Arc<KvReceiver>,
     ) -> Result<Self, TransferError> {
-        let endpoint = Endpoint::server(server_config(identity)?, addr)
-            .map_err(|e| TransferError::Io(format!("binding {addr}: {e}")))?;
+        let endpoint = endpoint(addr, Some(server_config(identity)?))?;
         let accepting = endpoint.clone();
         let task = tokio::spawn(async move {
             while let Some(incoming) = accepting.accept().await {
@@ -173,8 +214,7 @@ impl QuicTransport {
         identity: &NodeIdentity,
         metrics: Arc<TransferMetrics>,
     ) -> Result<Self, TransferError> {
-        let mut endpoint = Endpoint::client(bind)
-            .map_err(|e| TransferError::Io(format!("binding {bind}: {e}")))?;
+        let mut endpoint = endpoint(bind, None)?;
         endpoint.set_default_client_config(client_config(identity)?);
         Ok(Self {
             endpoint,
@@ -230,6 +270,11 @@ pub struct QuicSession {
 }
 
 impl QuicSession {
+    /// Path and congestion statistics of the connection (MTU, RTT, losses).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+
     /// Closes the connection at once (transfers on it fail on both ends).
     pub fn close(&self) {
         self.conn.close(VarInt::from_u32(1), b"closed by sender");

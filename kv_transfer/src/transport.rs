@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::descriptor::add_batch_checksum;
-use crate::wire::{self, StreamSource};
+use crate::wire::{self, ByteStream, StreamSource};
 use crate::{
     KvReceiver, PieceBatch, TransferDescriptor, TransferError, TransferMetrics, TransferReport,
 };
@@ -158,7 +158,7 @@ pub struct StreamWriter<W, R> {
 
 impl<W, R> StreamWriter<W, R>
 where
-    W: AsyncWrite + Unpin + Send,
+    W: ByteStream,
     R: AsyncRead + Unpin + Send,
 {
     /// Starts a transfer by writing its descriptor.
@@ -200,12 +200,12 @@ where
 
 impl<W, R> TransferWriter for StreamWriter<W, R>
 where
-    W: AsyncWrite + Unpin + Send,
+    W: ByteStream,
     R: AsyncRead + Unpin + Send,
 {
     async fn send(&mut self, batch: PieceBatch) -> Result<(), TransferError> {
         self.out.admit(&batch)?;
-        if let Err(e) = wire::write_pieces(&mut self.writer, &batch).await {
+        if let Err(e) = wire::write_pieces(&mut self.writer, batch).await {
             return Err(self.why(e).await);
         }
         Ok(())

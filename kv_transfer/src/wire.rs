@@ -116,9 +116,28 @@ pub(crate) async fn write_header<W: AsyncWrite + Unpin>(
     w.write_all(&buf).await.map_err(io)
 }
 
-pub(crate) async fn write_pieces<W: AsyncWrite + Unpin>(
+/// The sending half of a byte stream a transfer runs on.
+pub trait ByteStream: AsyncWrite + Unpin + Send {
+    /// Writes all of `data`, taking ownership (a QUIC stream queues it without a copy).
+    fn write_owned(&mut self, data: Vec<u8>) -> impl Future<Output = std::io::Result<()>> + Send {
+        async move { self.write_all(&data).await }
+    }
+}
+
+impl ByteStream for quinn::SendStream {
+    async fn write_owned(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        self.write_chunk(bytes::Bytes::from(data))
+            .await
+            .map_err(std::io::Error::from)
+    }
+}
+
+impl ByteStream for tokio::net::TcpStream {}
+impl ByteStream for tokio::net::tcp::OwnedWriteHalf {}
+
+pub(crate) async fn write_pieces<W: ByteStream>(
     w: &mut W,
-    batch: &PieceBatch,
+    batch: PieceBatch,
 ) -> std::io::Result<()> {
     let mut head = [0u8; 17];
     head[0] = TAG_PIECES;
@@ -126,7 +145,7 @@ pub(crate) async fn write_pieces<W: AsyncWrite + Unpin>(
     head[5..9].copy_from_slice(&batch.first_block.to_le_bytes());
     head[9..17].copy_from_slice(&(batch.data.len() as u64).to_le_bytes());
     w.write_all(&head).await?;
-    w.write_all(&batch.data).await
+    w.write_owned(batch.data).await
 }
 
 pub(crate) async fn write_end<W: AsyncWrite + Unpin>(
