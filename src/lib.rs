@@ -2,5 +2,6 @@
 //! argument parsing and dispatch.
 
 pub mod bench;
+pub mod bench_transfer;
 pub mod generate;
 pub mod model_pull;

@@ -67,6 +67,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repetitions: usize,
     },
+    /// KV transfer throughput and latency: QUIC, local, plain TCP and memcpy.
+    Transfer {
+        #[command(flatten)]
+        model: ModelArg,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Timed transfers per size and path.
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+    },
 }
 
 #[derive(Args)]
@@ -200,6 +211,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 repetitions,
             };
             bench::engine(&opts)?;
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Transfer {
+                    model,
+                    json,
+                    repetitions,
+                },
+        } => {
+            let opts = tandem::bench_transfer::TransferBenchOptions {
+                model: model.resolve()?,
+                json,
+                repetitions,
+            };
+            tandem::bench_transfer::transfer(&opts)?;
         }
     }
     Ok(())

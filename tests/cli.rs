@@ -92,3 +92,17 @@ fn corrupt_model_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("truncated"), "{err}");
 }
+
+/// `bench transfer --json` measures every path and reports the figures the
+/// docs quote; a QUIC transfer needs its mTLS handshake and a verified verdict
+/// to produce a number at all.
+#[test]
+fn bench_transfer_json_reports_every_path() {
+    let out = run_json(tandem().args(["bench", "transfer", "--json", "--repetitions", "1"]));
+    for key in ["quic_gbps", "tcp_gbps", "local_gbps", "memcpy_gbps"] {
+        let v = out[key].as_f64().unwrap_or(0.0);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(out["cases"].as_array().map(Vec::len), Some(2));
+    assert_eq!(out["cases"][1]["bytes"], 256 << 20);
+}

@@ -52,6 +52,16 @@ pub enum EngineError {
     KvMismatch(String),
     #[error("no retained KV for request {0}")]
     UnknownRequest(u64),
+    #[error("the KV cache has {free} free blocks, {needed} are needed")]
+    KvCacheFull { needed: usize, free: usize },
+    #[error("no KV reservation {0}")]
+    UnknownReservation(u64),
+    #[error("invalid write into KV reservation {reservation}: {reason}")]
+    InvalidKvWrite { reservation: u64, reason: String },
+    #[error(
+        "KV reservation {reservation} is incomplete: {missing} block-layer pieces never written"
+    )]
+    IncompleteReservation { reservation: u64, missing: usize },
     #[error("the engine has stopped")]
     Stopped,
     #[error("cannot build the thread pool: {0}")]
@@ -138,6 +148,159 @@ pub struct Request {
     pub retain_kv: bool,
     /// KV for a prefix of the prompt computed elsewhere; the engine computes the rest.
     pub imported_kv: Option<SequenceKv>,
+    /// Streams the prompt's KV blocks out as the prefill completes them.
+    pub kv_stream: Option<KvStream>,
+}
+
+/// Where an engine streams a prompt's KV while prefilling it (the sending side
+/// of a KV transfer).
+///
+/// After each step, the blocks of the prompt that became complete (every
+/// layer computed for every slot the prompt fills) are copied out as one
+/// [`KvChunk`]; the last, partial block goes out when the prefill ends. The
+/// channel closes when the sequence ends, so a receiver that saw fewer blocks
+/// than the prompt has knows the prefill was cut short. What the channel can
+/// hold is bounded by the prompt's own KV: each block is sent once.
+#[derive(Debug, Clone)]
+pub struct KvStream {
+    /// Leading blocks not to send (the receiver already holds them).
+    pub skip_blocks: usize,
+    pub tx: tmpsc::UnboundedSender<KvChunk>,
+}
+
+/// Consecutive blocks of a prompt's KV, one buffer per layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvChunk {
+    /// Index of the first block in the sequence (block `i` holds tokens `i * block_size ..`).
+    pub first_block: usize,
+    pub n_blocks: usize,
+    /// `layers[l]` holds the `n_blocks` pieces of layer `l`, each `piece_bytes` long, in block order.
+    pub layers: Vec<Vec<u8>>,
+}
+
+/// Blocks reserved in an engine's pool for KV computed elsewhere (the receiving
+/// side of a KV transfer).
+///
+/// The leading `cached_blocks` already hold the right KV (prefix reuse); the
+/// sender writes every layer of every other block with [`KvReservation::write`],
+/// and [`Engine::submit_reserved`] turns the blocks into a running sequence.
+/// Dropping the reservation without submitting it frees the blocks: nothing
+/// written into them is ever registered or read.
+pub struct KvReservation {
+    pub id: u64,
+    pub layout: KvLayout,
+    /// The tokens whose KV the blocks will hold.
+    pub tokens: Vec<u32>,
+    /// Target block ids in this engine's pool, one per block of `tokens`, in order.
+    pub blocks: Vec<BlockId>,
+    /// Leading blocks already cached here; they need no transfer.
+    pub cached_blocks: usize,
+    commands: mpsc::Sender<Command>,
+    writes: Arc<tokio::sync::Semaphore>,
+    settled: bool,
+}
+
+impl std::fmt::Debug for KvReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvReservation")
+            .field("id", &self.id)
+            .field("tokens", &self.tokens.len())
+            .field("blocks", &self.blocks.len())
+            .field("cached_blocks", &self.cached_blocks)
+            .finish()
+    }
+}
+
+/// Writes queued to the engine thread at once, per engine: the bound on
+/// memory held by in-flight KV writes (each at most one layer of a transfer).
+const KV_WRITES_IN_FLIGHT: usize = 16;
+
+impl KvReservation {
+    /// Checks that `data` is `count` whole pieces of `layer` for blocks
+    /// `first_block..first_block + count` (indices into `blocks`) that need writing.
+    pub fn check_write(
+        &self,
+        layer: usize,
+        first_block: usize,
+        data_len: usize,
+    ) -> Result<usize, EngineError> {
+        let bad = |reason: String| {
+            Err(EngineError::InvalidKvWrite {
+                reservation: self.id,
+                reason,
+            })
+        };
+        let pb = self.layout.piece_bytes();
+        if layer >= self.layout.n_layers {
+            return bad(format!(
+                "layer {layer} of a model with {} layers",
+                self.layout.n_layers
+            ));
+        }
+        if data_len == 0 || !data_len.is_multiple_of(pb) {
+            return bad(format!(
+                "{data_len} bytes is not whole pieces of {pb} bytes"
+            ));
+        }
+        let count = data_len / pb;
+        if first_block < self.cached_blocks || first_block + count > self.blocks.len() {
+            return bad(format!(
+                "blocks {first_block}..{} outside the writable {}..{}",
+                first_block + count,
+                self.cached_blocks,
+                self.blocks.len()
+            ));
+        }
+        Ok(count)
+    }
+
+    /// Writes `layer`'s pieces of consecutive blocks starting at index
+    /// `first_block`. Waits while the engine has many writes queued
+    /// (backpressure); the copy into the pool happens on the engine thread
+    /// between steps.
+    pub async fn write(
+        &self,
+        layer: usize,
+        first_block: usize,
+        data: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        self.check_write(layer, first_block, data.len())?;
+        let permit = self
+            .writes
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        self.commands
+            .send(Command::WriteKv(Box::new(KvWrite {
+                reservation: self.id,
+                layer,
+                first_block,
+                data,
+                _permit: permit,
+            })))
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Frees the reserved blocks (the same as dropping the reservation).
+    pub fn abort(self) {}
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            // A stopped engine has freed everything already.
+            let _ = self.commands.send(Command::AbortReservation(self.id));
+        }
+    }
+}
+
+struct KvWrite {
+    reservation: u64,
+    layer: usize,
+    first_block: usize,
+    data: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Request {
@@ -152,6 +315,7 @@ impl Request {
             ignore_eos: false,
             retain_kv: false,
             imported_kv: None,
+            kv_stream: None,
         }
     }
 }
@@ -269,8 +433,18 @@ enum Command {
     Cancel(u64),
     Export(u64, mpsc::Sender<Result<SequenceKv, EngineError>>),
     Release(u64),
+    Reserve(
+        u64,
+        Vec<u32>,
+        mpsc::Sender<Result<(Vec<BlockId>, usize), EngineError>>,
+    ),
+    WriteKv(Box<KvWrite>),
+    SubmitReserved(u64, Submission, mpsc::Sender<Result<(), EngineError>>),
+    AbortReservation(u64),
     Shutdown,
 }
+
+type Submission = (u64, Box<Request>, tmpsc::UnboundedSender<TokenEvent>);
 
 /// What the engine thread and its handles share read-only.
 struct Shared {
@@ -288,6 +462,7 @@ pub struct Engine {
     load: Arc<Mutex<LoadReport>>,
     events: broadcast::Sender<KvEvent>,
     next_id: std::sync::atomic::AtomicU64,
+    kv_writes: Arc<tokio::sync::Semaphore>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -345,6 +520,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             retained: HashMap::new(),
+            reservations: HashMap::new(),
             load: load.clone(),
             events: events.clone(),
             steps: 0,
@@ -360,6 +536,7 @@ impl Engine {
             load,
             events,
             next_id: std::sync::atomic::AtomicU64::new(1),
+            kv_writes: Arc::new(tokio::sync::Semaphore::new(KV_WRITES_IN_FLIGHT)),
             thread: Some(thread),
         })
     }
@@ -386,6 +563,93 @@ impl Engine {
 
     /// Checks a request and queues it; the stream yields its tokens then `Finished`.
     pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
+        self.check_request(&request)?;
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tmpsc::unbounded_channel();
+        self.commands
+            .send(Command::Submit(id, Box::new(request), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(RequestHandle { id, events: rx })
+    }
+
+    /// Reserves blocks for the KV of `tokens` (a prompt, or the prefix of one
+    /// whose KV another engine computes): every leading full block already
+    /// cached is reused, the others are fresh and wait to be written.
+    /// Fails at once if the pool cannot hold them. Blocks the caller until the
+    /// engine thread has handled it (at most one step).
+    pub fn reserve_kv(&self, tokens: Vec<u32>) -> Result<KvReservation, EngineError> {
+        let s = &self.shared;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if tokens.len() >= s.config.context_length {
+            return Err(EngineError::PromptTooLong {
+                tokens: tokens.len(),
+                limit: s.config.context_length - 1,
+                what: "model context length",
+            });
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Reserve(id, tokens.clone(), tx))
+            .map_err(|_| EngineError::Stopped)?;
+        let (blocks, cached_blocks) = rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(KvReservation {
+            id,
+            layout: s.layout,
+            tokens,
+            blocks,
+            cached_blocks,
+            commands: self.commands.clone(),
+            writes: self.kv_writes.clone(),
+            settled: false,
+        })
+    }
+
+    /// Starts `request` from a reservation whose blocks have all been written:
+    /// its prompt must strictly extend the reserved tokens, and the engine
+    /// computes the rest. An incomplete reservation is refused and freed.
+    /// Blocks the caller until the engine thread has handled it.
+    pub fn submit_reserved(
+        &self,
+        mut reservation: KvReservation,
+        request: Request,
+    ) -> Result<RequestHandle, EngineError> {
+        self.check_request(&request)?;
+        let t = &reservation.tokens;
+        if request.imported_kv.is_some()
+            || t.len() >= request.prompt.len()
+            || request.prompt[..t.len()] != t[..]
+        {
+            return Err(EngineError::KvMismatch(
+                "the reserved tokens must be a strict prefix of the prompt, with no imported KV"
+                    .into(),
+            ));
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (out, events) = tmpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
+        // From here the engine thread owns the blocks, whatever the outcome.
+        reservation.settled = true;
+        self.commands
+            .send(Command::SubmitReserved(
+                reservation.id,
+                (id, Box::new(request), out),
+                tx,
+            ))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(RequestHandle { id, events })
+    }
+
+    fn check_request(&self, request: &Request) -> Result<(), EngineError> {
         let s = &self.shared;
         let n = request.prompt.len();
         if n == 0 {
@@ -423,14 +687,7 @@ impl Engine {
         if let Some(kv) = &request.imported_kv {
             check_import(kv, &request.prompt, s.layout)?;
         }
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = tmpsc::unbounded_channel();
-        self.commands
-            .send(Command::Submit(id, Box::new(request), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        Ok(RequestHandle { id, events: rx })
+        Ok(())
     }
 
     /// Cancels a request; its stream ends with `Finished { reason: Cancelled }`.
@@ -512,6 +769,8 @@ struct Sequence {
     /// Hashes of the leading full blocks, chained.
     hashes: Vec<BlockHash>,
     cached_tokens: usize,
+    /// Prompt blocks sent on the request's `kv_stream` so far.
+    kv_streamed: usize,
     sampler: Sampler,
     request: Box<Request>,
     out: tmpsc::UnboundedSender<TokenEvent>,
@@ -522,6 +781,25 @@ struct Sequence {
 }
 
 impl Sequence {
+    fn new(id: u64, request: Box<Request>, out: tmpsc::UnboundedSender<TokenEvent>) -> Self {
+        Self {
+            id,
+            tokens: request.prompt.clone(),
+            prompt_len: request.prompt.len(),
+            computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            cached_tokens: 0,
+            kv_streamed: 0,
+            sampler: Sampler::new(request.sampling.clone()),
+            request,
+            out,
+            decoder: StreamDecoder::default(),
+            text: String::new(),
+            sent: 0,
+        }
+    }
+
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -540,6 +818,16 @@ struct Retained {
     blocks: Vec<BlockId>,
 }
 
+/// Blocks reserved for an incoming transfer, owned by the engine thread.
+struct Reserved {
+    tokens: Vec<u32>,
+    blocks: Vec<BlockId>,
+    cached_blocks: usize,
+    /// Per fresh block (index minus `cached_blocks`), which layers have been written.
+    written: Vec<Vec<bool>>,
+    missing: usize,
+}
+
 /// The engine thread's state.
 struct Core {
     shared: Arc<Shared>,
@@ -551,6 +839,7 @@ struct Core {
     /// In admission order.
     running: Vec<Sequence>,
     retained: HashMap<u64, Retained>,
+    reservations: HashMap<u64, Reserved>,
     load: Arc<Mutex<LoadReport>>,
     events: broadcast::Sender<KvEvent>,
     steps: u64,
@@ -588,22 +877,20 @@ impl Core {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit(id, request, out) => {
-                let seq = Sequence {
-                    id,
-                    tokens: request.prompt.clone(),
-                    prompt_len: request.prompt.len(),
-                    computed: 0,
-                    blocks: Vec::new(),
-                    hashes: Vec::new(),
-                    cached_tokens: 0,
-                    sampler: Sampler::new(request.sampling.clone()),
-                    request,
-                    out,
-                    decoder: StreamDecoder::default(),
-                    text: String::new(),
-                    sent: 0,
-                };
-                self.waiting.push_back(seq);
+                self.waiting.push_back(Sequence::new(id, request, out));
+            }
+            Command::Reserve(id, tokens, reply) => {
+                let _ = reply.send(self.reserve(id, tokens));
+            }
+            Command::WriteKv(w) => self.write_kv(&w),
+            Command::SubmitReserved(rid, (id, request, out), reply) => {
+                let _ = reply.send(self.submit_reserved(rid, id, request, out));
+            }
+            Command::AbortReservation(id) => {
+                if let Some(r) = self.reservations.remove(&id) {
+                    tracing::debug!(reservation = id, "KV reservation aborted");
+                    self.release_blocks(&r.blocks);
+                }
             }
             Command::Cancel(id) => {
                 if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
@@ -657,6 +944,90 @@ impl Core {
         }
     }
 
+    fn reserve(&mut self, id: u64, tokens: Vec<u32>) -> Result<(Vec<BlockId>, usize), EngineError> {
+        let n_blocks = tokens.len().div_ceil(self.shared.layout.block_size);
+        let hashes = self.cache.hasher().hash_prefix(&tokens);
+        let mut blocks = self.cache.acquire_prefix(&hashes);
+        let cached_blocks = blocks.len();
+        let fresh = n_blocks - cached_blocks;
+        let Some(new) = self.cache.allocate_many(fresh) else {
+            let free = self.cache.num_free();
+            self.release_blocks(&blocks);
+            return Err(EngineError::KvCacheFull {
+                needed: fresh,
+                free,
+            });
+        };
+        blocks.extend(new);
+        let n_layers = self.shared.layout.n_layers;
+        self.reservations.insert(
+            id,
+            Reserved {
+                tokens,
+                blocks: blocks.clone(),
+                cached_blocks,
+                written: vec![vec![false; n_layers]; fresh],
+                missing: fresh * n_layers,
+            },
+        );
+        Ok((blocks, cached_blocks))
+    }
+
+    fn write_kv(&mut self, w: &KvWrite) {
+        let Some(r) = self.reservations.get_mut(&w.reservation) else {
+            // Aborted while the write was queued: nothing to do.
+            return;
+        };
+        let pb = self.shared.layout.piece_bytes();
+        // `KvReservation::write` checked the bounds against the same reservation.
+        for (i, piece) in w.data.chunks_exact(pb).enumerate() {
+            let index = w.first_block + i;
+            let Some(&b) = r.blocks.get(index) else { break };
+            let Some(done) = index
+                .checked_sub(r.cached_blocks)
+                .and_then(|f| r.written.get_mut(f))
+                .and_then(|l| l.get_mut(w.layer))
+            else {
+                break;
+            };
+            if !*done {
+                *done = true;
+                r.missing -= 1;
+            }
+            self.cache
+                .piece_bytes_mut(b, w.layer)
+                .copy_from_slice(piece);
+        }
+    }
+
+    fn submit_reserved(
+        &mut self,
+        rid: u64,
+        id: u64,
+        request: Box<Request>,
+        out: tmpsc::UnboundedSender<TokenEvent>,
+    ) -> Result<(), EngineError> {
+        let r = self
+            .reservations
+            .remove(&rid)
+            .ok_or(EngineError::UnknownReservation(rid))?;
+        if r.missing > 0 {
+            self.release_blocks(&r.blocks);
+            return Err(EngineError::IncompleteReservation {
+                reservation: rid,
+                missing: r.missing,
+            });
+        }
+        let mut seq = Sequence::new(id, request, out);
+        seq.computed = r.tokens.len();
+        seq.cached_tokens = r.cached_blocks * self.shared.layout.block_size;
+        seq.blocks = r.blocks;
+        // The written blocks are complete now: make the full ones reusable.
+        register_full_blocks(&mut self.cache, &mut seq);
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
     fn release_blocks(&mut self, blocks: &[BlockId]) {
         for &b in blocks {
             self.cache.release(b);
@@ -670,6 +1041,18 @@ impl Core {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            if !seq.blocks.is_empty() {
+                // Started from a reservation: its KV is in place already.
+                let needed = (seq.tokens.len() + 1)
+                    .div_ceil(bs)
+                    .saturating_sub(seq.blocks.len());
+                if self.cache.num_free() < needed {
+                    self.waiting.push_front(seq);
+                    break;
+                }
+                self.running.push(seq);
+                continue;
+            }
             let hashes = self.cache.hasher().hash_prefix(&seq.tokens);
             // At least the last token is always computed, to get its logits.
             let reusable = (seq.tokens.len() - 1) / bs;
@@ -777,7 +1160,7 @@ impl Core {
         self.admit();
         let plan = self.plan();
         if plan.is_empty() {
-            if self.running.is_empty() && self.retained.is_empty() {
+            if self.running.is_empty() && self.retained.is_empty() && self.reservations.is_empty() {
                 // Nothing fits even with the whole cache free: give up on the head of the queue.
                 if let Some(seq) = self.waiting.pop_front() {
                     tracing::warn!(id = seq.id, "sequence does not fit the KV cache");
@@ -815,6 +1198,7 @@ impl Core {
             let seq = &mut self.running[i];
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
+            stream_kv(&self.cache, seq);
             if seq.computed == seq.tokens.len() {
                 sampling[i] = Some(row);
                 row += 1;
@@ -893,6 +1277,40 @@ impl Core {
         };
         *self.load.lock().unwrap_or_else(PoisonError::into_inner) = report;
     }
+}
+
+/// Sends the prompt blocks of `seq` completed since the last call on its `kv_stream`.
+fn stream_kv(cache: &KvCache, seq: &mut Sequence) {
+    let Some(stream) = &seq.request.kv_stream else {
+        return;
+    };
+    let layout = cache.layout();
+    let bs = layout.block_size;
+    let ready = if seq.computed >= seq.prompt_len {
+        seq.prompt_len.div_ceil(bs)
+    } else {
+        seq.computed / bs
+    };
+    let first = seq.kv_streamed.max(stream.skip_blocks);
+    if ready > first {
+        let blocks = &seq.blocks[first..ready];
+        let layers = (0..layout.n_layers)
+            .map(|l| {
+                let mut buf = Vec::with_capacity(blocks.len() * layout.piece_bytes());
+                for &b in blocks {
+                    buf.extend_from_slice(cache.piece_bytes(b, l));
+                }
+                buf
+            })
+            .collect();
+        // A receiver that hung up has given up on the transfer; the sequence goes on.
+        let _ = stream.tx.send(KvChunk {
+            first_block: first,
+            n_blocks: ready - first,
+            layers,
+        });
+    }
+    seq.kv_streamed = seq.kv_streamed.max(ready);
 }
 
 /// Registers every newly full, computed block of `seq` under its chained hash.

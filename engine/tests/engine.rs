@@ -4,7 +4,8 @@
 
 use serde_json::Value;
 use tandem_engine::engine::{
-    Engine, EngineConfig, EngineError, FinishReason, Generation, Request, TokenEvent,
+    Engine, EngineConfig, EngineError, FinishReason, Generation, KvReservation, KvStream, Request,
+    TokenEvent,
 };
 use tandem_engine::paths;
 use tandem_protocol::{BlockHasher, KvEventKind};
@@ -342,4 +343,117 @@ fn stop_strings_end_generation_and_are_not_returned() {
     assert_eq!(g.reason, FinishReason::Stop);
     assert!(!g.text.contains(&stop));
     assert!(free.text.starts_with(&g.text));
+}
+
+/// Drives a future that needs no I/O to completion on this thread.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Waits until the engine's published load shows `used` blocks in use.
+fn wait_blocks_used(e: &Engine, used: usize) {
+    let start = std::time::Instant::now();
+    while e.load_report().kv_blocks_used != used {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "blocks in use stay at {}, expected {used}",
+            e.load_report().kv_blocks_used
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The transfer hooks: a prefill streams its KV chunk by chunk as steps
+/// complete blocks; another engine reserves blocks (reusing its cached
+/// prefix), takes the pieces, refuses an incomplete reservation, frees
+/// aborted ones, and decodes from a complete one exactly as the first
+/// engine did.
+#[test]
+fn streamed_kv_into_reserved_blocks_decodes_identically() {
+    let prompt: Vec<u32> = chat_prompts().concat();
+    let config = EngineConfig {
+        max_batch_tokens: 32,
+        ..small()
+    };
+    let a = engine(config.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut r = Request::new(prompt.clone(), 8);
+    r.kv_stream = Some(KvStream { skip_blocks: 2, tx });
+    let whole = output_ids(&a.submit(r).expect("submit").wait().expect("generation"));
+    let mut chunks = Vec::new();
+    while let Ok(c) = rx.try_recv() {
+        chunks.push(c);
+    }
+    let layout = a.kv_layout();
+    let n_blocks = prompt.len().div_ceil(layout.block_size);
+    assert!(chunks.len() > 1, "a chunked prefill streams as it goes");
+    let mut next = 2;
+    for c in &chunks {
+        assert_eq!(c.first_block, next, "blocks stream in order, once");
+        assert_eq!(c.layers.len(), layout.n_layers);
+        assert!(
+            c.layers
+                .iter()
+                .all(|l| l.len() == c.n_blocks * layout.piece_bytes())
+        );
+        next += c.n_blocks;
+    }
+    assert_eq!(next, n_blocks);
+
+    let b = engine(config);
+    // The first two blocks are cached on the receiver already.
+    let warm = b
+        .submit(Request::new(
+            prompt[..2 * layout.block_size + 1].to_vec(),
+            1,
+        ))
+        .expect("submit");
+    warm.wait().expect("warm-up");
+    wait_blocks_used(&b, 0);
+
+    let write_all = |res: &KvReservation, skip_last_layer: bool| {
+        for c in &chunks {
+            for (l, data) in c.layers.iter().enumerate() {
+                if skip_last_layer && l + 1 == layout.n_layers {
+                    continue;
+                }
+                block_on(res.write(l, c.first_block, data.clone())).expect("write");
+            }
+        }
+    };
+    let cont = [prompt.clone(), vec![whole[0]]].concat();
+
+    let res = b.reserve_kv(prompt.clone()).expect("reserve");
+    assert_eq!((res.blocks.len(), res.cached_blocks), (n_blocks, 2));
+    assert!(
+        res.check_write(0, 1, layout.piece_bytes()).is_err(),
+        "cached blocks are not writable"
+    );
+    write_all(&res, true);
+    assert!(matches!(
+        b.submit_reserved(res, Request::new(cont.clone(), 7)),
+        Err(EngineError::IncompleteReservation { missing, .. }) if missing == n_blocks - 2
+    ));
+    wait_blocks_used(&b, 0);
+
+    let res = b.reserve_kv(prompt.clone()).expect("reserve");
+    wait_blocks_used(&b, n_blocks);
+    drop(res);
+    wait_blocks_used(&b, 0);
+
+    let res = b.reserve_kv(prompt.clone()).expect("reserve");
+    write_all(&res, false);
+    let h = b
+        .submit_reserved(res, Request::new(cont, 7))
+        .expect("submit reserved");
+    let g = h.wait().expect("decode");
+    assert_eq!(g.usage.cached_tokens, 2 * layout.block_size);
+    assert_eq!(output_ids(&g), whole[1..]);
 }
