@@ -23,7 +23,8 @@ use tokio::sync::{broadcast, mpsc as tmpsc};
 use crate::chat_template::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvLayout};
-use crate::model::{BatchSeq, Model, ModelConfig, ModelError, Scratch};
+use crate::backend::{Backend, CpuBackend};
+use crate::model::{BatchSeq, Model, ModelConfig, ModelError};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -489,6 +490,7 @@ impl Engine {
         let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
+        let backend: Box<dyn Backend> = Box::new(CpuBackend::new(model, config.block_size, num_blocks));
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -513,9 +515,8 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let mut core = Core {
             shared: shared.clone(),
-            model,
+            backend,
             cache,
-            scratch: Scratch::default(),
             config,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -831,9 +832,8 @@ struct Reserved {
 /// The engine thread's state.
 struct Core {
     shared: Arc<Shared>,
-    model: Model,
+    backend: Box<dyn Backend>,
     cache: KvCache,
-    scratch: Scratch,
     config: EngineConfig,
     waiting: VecDeque<Sequence>,
     /// In admission order.
@@ -910,7 +910,7 @@ impl Core {
                             Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
                         for &b in &r.blocks {
                             for l in 0..self.shared.layout.n_layers {
-                                data.extend_from_slice(self.cache.piece_bytes(b, l));
+                                self.backend.read_kv_piece(b, l, &mut data);
                             }
                         }
                         self.release_blocks(&r.blocks);
@@ -994,9 +994,7 @@ impl Core {
                 *done = true;
                 r.missing -= 1;
             }
-            self.cache
-                .piece_bytes_mut(b, w.layer)
-                .copy_from_slice(piece);
+            self.backend.write_kv_piece(b, w.layer, piece);
         }
     }
 
@@ -1086,7 +1084,7 @@ impl Core {
                     let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..]
                         [..layout.block_bytes()];
                     for (l, piece) in src.chunks_exact(layout.piece_bytes()).enumerate() {
-                        self.cache.piece_bytes_mut(b, l).copy_from_slice(piece);
+                        self.backend.write_kv_piece(b, l, piece);
                     }
                 }
                 blocks.extend(new);
@@ -1182,9 +1180,7 @@ impl Core {
                 }
             })
             .collect();
-        let logits = self
-            .model
-            .forward(&mut self.cache, &batch, &mut self.scratch);
+        let logits = self.backend.forward(&batch);
         drop(batch);
         self.steps += 1;
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
@@ -1198,7 +1194,7 @@ impl Core {
             let seq = &mut self.running[i];
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
-            stream_kv(&self.cache, seq);
+            stream_kv(self.backend.as_ref(), seq);
             if seq.computed == seq.tokens.len() {
                 sampling[i] = Some(row);
                 row += 1;
@@ -1280,11 +1276,11 @@ impl Core {
 }
 
 /// Sends the prompt blocks of `seq` completed since the last call on its `kv_stream`.
-fn stream_kv(cache: &KvCache, seq: &mut Sequence) {
+fn stream_kv(backend: &dyn Backend, seq: &mut Sequence) {
     let Some(stream) = &seq.request.kv_stream else {
         return;
     };
-    let layout = cache.layout();
+    let layout = backend.kv_layout();
     let bs = layout.block_size;
     let ready = if seq.computed >= seq.prompt_len {
         seq.prompt_len.div_ceil(bs)
@@ -1298,7 +1294,7 @@ fn stream_kv(cache: &KvCache, seq: &mut Sequence) {
             .map(|l| {
                 let mut buf = Vec::with_capacity(blocks.len() * layout.piece_bytes());
                 for &b in blocks {
-                    buf.extend_from_slice(cache.piece_bytes(b, l));
+                    backend.read_kv_piece(b, l, &mut buf);
                 }
                 buf
             })

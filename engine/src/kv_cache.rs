@@ -70,7 +70,6 @@ struct BlockMeta {
 /// The block pool, its prefix index and its event log.
 pub struct KvCache {
     layout: KvLayout,
-    data: Vec<f16>,
     hasher: BlockHasher,
     meta: Vec<BlockMeta>,
     /// Blocks holding nothing reusable.
@@ -98,11 +97,11 @@ impl std::fmt::Debug for KvCache {
 }
 
 impl KvCache {
-    /// A pool of `num_blocks` zeroed blocks.
+    /// Bookkeeping for a pool of `num_blocks` blocks (the storage itself is a
+    /// [`KvPool`], held by the backend).
     pub fn new(layout: KvLayout, num_blocks: usize, hasher: BlockHasher) -> Self {
         Self {
             layout,
-            data: vec![f16::ZERO; num_blocks * layout.block_elems()],
             hasher,
             meta: vec![BlockMeta::default(); num_blocks],
             // Popped from the back: low ids are handed out first.
@@ -295,6 +294,37 @@ impl KvCache {
         });
         self.next_seq += 1;
     }
+}
+
+/// The storage of a block pool: `num_blocks` blocks in the layout of
+/// [`KvLayout`], as the CPU backend keeps them in host memory.
+pub struct KvPool {
+    layout: KvLayout,
+    data: Vec<f16>,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPool")
+            .field("layout", &self.layout)
+            .field("blocks", &(self.data.len() / self.layout.block_elems().max(1)))
+            .finish()
+    }
+}
+
+impl KvPool {
+    /// `num_blocks` zeroed blocks.
+    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        Self {
+            layout,
+            data: vec![f16::ZERO; num_blocks * layout.block_elems()],
+        }
+    }
+
+    /// The blocks' shape.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
 
     fn piece_range(&self, b: BlockId, layer: usize) -> std::ops::Range<usize> {
         let start = b as usize * self.layout.block_elems() + layer * self.layout.piece_elems();
@@ -443,20 +473,18 @@ mod tests {
 
     #[test]
     fn slots_land_in_the_documented_layout() {
-        let mut c = cache(2);
-        let b = c.allocate().expect("block");
-        c.write_slot(b, 1, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        let c = cache(2);
         let l = c.layout();
-        let piece = l.block_elems() * b as usize + l.piece_elems();
-        assert_eq!(c.block(b)[l.piece_elems() + 2 * 4].to_f32(), 1.0);
-        assert_eq!(c.keys(b, 1)[2 * 4 + 3].to_f32(), 4.0);
-        assert_eq!(c.values(b, 1)[2 * 4].to_f32(), 5.0);
-        assert_eq!(c.piece_bytes(b, 1).len(), l.piece_bytes());
-        let _ = piece;
-        let bytes = c.piece_bytes(b, 1).to_vec();
-        let other = c.allocate().expect("block");
-        c.piece_bytes_mut(other, 1).copy_from_slice(&bytes);
-        assert_eq!(c.values(other, 1), c.values(b, 1));
+        let mut pool = KvPool::new(l, 2);
+        let (b, other) = (0, 1);
+        pool.write_slot(b, 1, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(pool.block(b)[l.piece_elems() + 2 * 4].to_f32(), 1.0);
+        assert_eq!(pool.keys(b, 1)[2 * 4 + 3].to_f32(), 4.0);
+        assert_eq!(pool.values(b, 1)[2 * 4].to_f32(), 5.0);
+        assert_eq!(pool.piece_bytes(b, 1).len(), l.piece_bytes());
+        let bytes = pool.piece_bytes(b, 1).to_vec();
+        pool.piece_bytes_mut(other, 1).copy_from_slice(&bytes);
+        assert_eq!(pool.values(other, 1), pool.values(b, 1));
     }
 
     #[test]

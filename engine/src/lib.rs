@@ -8,6 +8,7 @@
 //! sequence to a decode worker. A continuous-batching scheduler runs many
 //! sequences per step under a token budget.
 
+pub mod backend;
 pub mod chat_template;
 pub mod cpu;
 pub mod engine;

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{self, QMatrix};
 use crate::gguf::{GgufError, GgufFile, TensorInfo};
-use crate::kv_cache::{BlockId, KvCache, KvLayout};
+use crate::kv_cache::{BlockId, KvLayout, KvPool};
 
 /// Errors from loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -358,7 +358,7 @@ impl Model {
     /// that no two sequences write the same block.
     pub fn forward(
         &self,
-        cache: &mut KvCache,
+        cache: &mut KvPool,
         batch: &[BatchSeq<'_>],
         s: &mut Scratch,
     ) -> Vec<f32> {
@@ -496,7 +496,7 @@ impl Model {
     /// read through the block table. Parallel over (token, head).
     fn attention(
         &self,
-        cache: &KvCache,
+        cache: &KvPool,
         layer: usize,
         batch: &[BatchSeq<'_>],
         token_pos: &[(usize, usize)],

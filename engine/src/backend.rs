@@ -1,0 +1,85 @@
+//! The boundary between the engine and the device that runs the model.
+//!
+//! The engine thread owns the scheduling state: sequences, the KV cache's
+//! bookkeeping (which block holds what, prefix reuse, eviction, events) and
+//! sampling. A [`Backend`] owns what lives on the device: the weights, the KV
+//! block storage in the documented [`KvLayout`], and the forward pass. The engine
+//! hands it a ragged batch naming each sequence's blocks; the backend returns
+//! logits on the host. KV blocks cross the boundary only as byte pieces (one block
+//! of one layer), copied out for export or transfer and in for import, so a GPU
+//! backend stages them through host memory (or, later, writes them straight into
+//! registered device memory).
+
+use crate::kv_cache::{BlockId, KvLayout, KvPool};
+use crate::model::{BatchSeq, Model, ModelConfig, Scratch};
+
+/// A device that runs the model over paged KV blocks.
+pub trait Backend: Send {
+    /// A short name for logs and benchmarks (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+
+    /// The model's hyperparameters.
+    fn config(&self) -> &ModelConfig;
+
+    /// The shape of the KV blocks this backend stores.
+    fn kv_layout(&self) -> KvLayout;
+
+    /// Runs one step: every sequence's chunk of tokens at its positions, K/V of
+    /// the new tokens written into its blocks, attention over its earlier ones.
+    /// Returns `vocab_size` logits for each sequence that wants them, in batch order.
+    fn forward(&mut self, batch: &[BatchSeq<'_>]) -> Vec<f32>;
+
+    /// Appends the bytes of one block-layer piece to `out`.
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>);
+
+    /// Overwrites one block-layer piece (`data` is `kv_layout().piece_bytes()` long).
+    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]);
+}
+
+/// The CPU backend: weights memory-mapped from the GGUF file, KV blocks in host
+/// memory, the kernels of `cpu` on the engine's thread pool.
+pub struct CpuBackend {
+    model: Model,
+    pool: KvPool,
+    layout: KvLayout,
+    scratch: Scratch,
+}
+
+impl CpuBackend {
+    /// The backend for `model`, with storage for `num_blocks` blocks of `block_size` tokens.
+    pub fn new(model: Model, block_size: usize, num_blocks: usize) -> Self {
+        let layout = model.config().kv_layout(block_size);
+        Self {
+            pool: KvPool::new(layout, num_blocks),
+            layout,
+            model,
+            scratch: Scratch::default(),
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({})", crate::cpu::simd_level())
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn forward(&mut self, batch: &[BatchSeq<'_>]) -> Vec<f32> {
+        self.model.forward(&mut self.pool, batch, &mut self.scratch)
+    }
+
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.pool.piece_bytes(block, layer));
+    }
+
+    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {
+        self.pool.piece_bytes_mut(block, layer).copy_from_slice(data);
+    }
+}
