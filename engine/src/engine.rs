@@ -579,7 +579,8 @@ impl Engine {
     /// whose KV another engine computes): every leading full block already
     /// cached is reused, the others are fresh and wait to be written.
     /// Fails at once if the pool cannot hold them. Blocks the caller until the
-    /// engine thread has handled it (at most one step).
+    /// engine thread has handled it (at most one step): async code should call
+    /// it through `spawn_blocking`, as it does `export_kv`.
     pub fn reserve_kv(&self, tokens: Vec<u32>) -> Result<KvReservation, EngineError> {
         let s = &self.shared;
         if tokens.is_empty() {
@@ -615,7 +616,7 @@ impl Engine {
     /// Starts `request` from a reservation whose blocks have all been written:
     /// its prompt must strictly extend the reserved tokens, and the engine
     /// computes the rest. An incomplete reservation is refused and freed.
-    /// Blocks the caller until the engine thread has handled it.
+    /// Blocks the caller until the engine thread has handled it (at most one step).
     pub fn submit_reserved(
         &self,
         mut reservation: KvReservation,

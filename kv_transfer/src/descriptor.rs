@@ -137,3 +137,77 @@ pub(crate) fn add_batch_checksum(sum: &mut u64, batch: &PieceBatch, piece_bytes:
         *sum = sum.wrapping_add(c);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc() -> TransferDescriptor {
+        TransferDescriptor {
+            transfer_id: 1,
+            request_id: 2,
+            layout: KvLayout {
+                n_layers: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                block_size: 4,
+            },
+            dtype: DType::F16,
+            tokens: 14,
+            blocks: vec![7, 3, 9, 5],
+            first_block: 1,
+        }
+    }
+
+    #[test]
+    fn batches_are_checked_against_the_reserved_range() {
+        let d = desc();
+        let pb = d.piece_bytes();
+        assert_eq!((d.pieces(), d.bytes()), (6, 6 * pb as u64));
+        let batch = |layer, first_block, pieces: usize| PieceBatch {
+            layer,
+            first_block,
+            data: vec![0; pieces * pb],
+        };
+        assert_eq!(d.check(&batch(1, 1, 3)), Ok(3));
+        assert!(
+            d.check(&batch(0, 0, 1)).is_err(),
+            "a block the receiver holds"
+        );
+        assert!(d.check(&batch(0, 2, 3)).is_err(), "past the last block");
+        assert!(d.check(&batch(2, 1, 1)).is_err(), "no such layer");
+        let mut ragged = batch(0, 1, 1);
+        ragged.data.pop();
+        assert!(d.check(&ragged).is_err(), "not whole pieces");
+    }
+
+    #[test]
+    fn checksum_does_not_depend_on_batch_order_but_on_placement() {
+        let d = desc();
+        let pb = d.piece_bytes();
+        let a = PieceBatch {
+            layer: 0,
+            first_block: 1,
+            data: (0..3 * pb).map(|i| i as u8).collect(),
+        };
+        let b = PieceBatch {
+            layer: 1,
+            first_block: 1,
+            data: (0..3 * pb).map(|i| (i * 7) as u8).collect(),
+        };
+        let (mut x, mut y) = (0, 0);
+        add_batch_checksum(&mut x, &a, pb);
+        add_batch_checksum(&mut x, &b, pb);
+        add_batch_checksum(&mut y, &b, pb);
+        add_batch_checksum(&mut y, &a, pb);
+        assert_eq!(x, y);
+        let moved = PieceBatch {
+            layer: 1,
+            ..a.clone()
+        };
+        let mut z = 0;
+        add_batch_checksum(&mut z, &moved, pb);
+        add_batch_checksum(&mut z, &b, pb);
+        assert_ne!(x, z, "the same bytes in another layer sum differently");
+    }
+}

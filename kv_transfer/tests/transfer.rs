@@ -128,6 +128,18 @@ async fn local_transfer_decodes_like_the_prefill_engine() {
     let m = metrics.snapshot();
     assert_eq!((m.transfers_sent, m.transfers_received), (1, 1));
     assert_eq!(m.bytes_sent, m.bytes_received);
+
+    // A sender that goes away mid-transfer: a disconnect, and the blocks are freed.
+    wait_blocks_used(&b, 0).await;
+    let (desc, pending) = expect(&b, &receiver, prompt(&a), DEADLINE);
+    let mut w = session.open(&desc).await.expect("open");
+    for batch in synthetic(&desc, 11).0.into_iter().take(3) {
+        w.send(batch).await.expect("send");
+    }
+    drop(w);
+    let e = pending.wait().await.expect_err("disconnect");
+    assert!(matches!(e, TransferError::PeerDisconnected { .. }), "{e}");
+    wait_blocks_used(&b, 0).await;
 }
 
 struct Cluster {
@@ -282,6 +294,13 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     for batch in batches.iter().take(5).cloned() {
         w.send(batch).await.expect("send");
     }
+    // Meanwhile another transfer on the same connection completes.
+    let (other_desc, other_pending) = expect(&b, &receiver, tokens(64, 33), DEADLINE);
+    let other_w = session.open(&other_desc).await.expect("open");
+    send_all(other_w, synthetic(&other_desc, 33).0, None)
+        .await
+        .expect("a concurrent transfer lands");
+    drop(other_pending.wait().await.expect("received"));
     let e = pending.wait().await.expect_err("deadline");
     let blocks = desc.blocks.len();
     assert!(
