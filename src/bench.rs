@@ -17,6 +17,7 @@ pub struct EngineBenchOptions {
     pub threads: Option<usize>,
     pub json: bool,
     pub llama_bench: Option<PathBuf>,
+    pub llama_server: Option<PathBuf>,
     pub repetitions: usize,
 }
 
@@ -42,6 +43,9 @@ pub struct EngineBenchReport {
     pub llamacpp_prefill_tok_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llamacpp_decode_tok_s: Option<f64>,
+    /// llama-server's total decode rate with 8 concurrent streams.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llamacpp_server_batch8_tok_s: Option<f64>,
 }
 
 const PREFILL_TOKENS: usize = 512;
@@ -156,6 +160,109 @@ fn llama_bench(
     }
 }
 
+/// A free loopback port.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// One HTTP/1.1 request to a loopback server; returns the body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "{method} {path}: {}",
+            head.lines().next().unwrap_or("no status line")
+        )));
+    }
+    Ok(body.to_owned())
+}
+
+/// Kills the child when dropped, so an error never leaves a server behind.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs llama.cpp's llama-server with 8 slots and returns its total decode rate
+/// over 8 concurrent requests of 128 tokens each (prompts of 8 tokens, as ours).
+fn llama_server_batch8(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    prompts: &[Vec<u32>],
+) -> anyhow::Result<f64> {
+    let port = free_port()?;
+    let child = std::process::Command::new(bin)
+        .arg("-m")
+        .arg(model)
+        .args(["-t", &threads.to_string(), "-np", &BATCH.to_string()])
+        .args([
+            "-c",
+            &(BATCH * 512).to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let _child = Child(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(port, "GET", "/health", "").is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "llama-server did not become ready"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run = |prompt: &Vec<u32>| -> anyhow::Result<u64> {
+        let body = serde_json::json!({
+            "prompt": prompt,
+            "n_predict": DECODE_TOKENS,
+            "ignore_eos": true,
+            "cache_prompt": false,
+            "temperature": 0.0,
+        });
+        let reply: serde_json::Value =
+            serde_json::from_str(&http(port, "POST", "/completion", &body.to_string())?)?;
+        reply["tokens_predicted"]
+            .as_u64()
+            .context("llama-server reply without tokens_predicted")
+    };
+    // Warm up, then all streams at once.
+    run(&prompts[0])?;
+    let start = Instant::now();
+    let tokens = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(move || run(p))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("request thread panicked"))?
+            })
+            .sum::<anyhow::Result<u64>>()
+    })?;
+    // Like ours, the first token of each stream comes from its prefill.
+    let decoded = tokens.saturating_sub(prompts.len() as u64);
+    Ok(decoded as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Runs the engine benchmark and prints a table or JSON.
 pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
     let threads = opts
@@ -225,6 +332,16 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
         Some(bin) => Some(llama_bench(bin, &opts.model, threads, reps)?),
         None => None,
     };
+    let server = match &opts.llama_server {
+        Some(bin) => {
+            let prompts: Vec<Vec<u32>> = (0..BATCH).map(|_| next_prompt(8)).collect();
+            let runs = (0..reps)
+                .map(|_| llama_server_batch8(bin, &opts.model, threads, &prompts))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            Some(mean(&runs))
+        }
+        None => None,
+    };
 
     let report = EngineBenchReport {
         model: model.config().name.clone(),
@@ -238,6 +355,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
         decode_bound_tok_s: bandwidth * 1e9 / weight_bytes as f64,
         llamacpp_prefill_tok_s: llama.map(|l| l.0),
         llamacpp_decode_tok_s: llama.map(|l| l.1),
+        llamacpp_server_batch8_tok_s: server,
     };
     if opts.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -264,8 +382,14 @@ fn print_table(r: &EngineBenchReport) {
         llama(r.llamacpp_decode_tok_s)
     );
     println!(
-        "{:<34} {:>12.1}",
-        "decode, 8 streams (total tok/s)", r.batch8_decode_tok_s
+        "{:<34} {:>12.1} {:>12}",
+        "decode, 8 streams (total tok/s)",
+        r.batch8_decode_tok_s,
+        llama(r.llamacpp_server_batch8_tok_s)
+    );
+    println!(
+        "8 streams / 1 stream: {:.2}x",
+        r.batch8_decode_tok_s / r.decode_tok_s.max(f64::MIN_POSITIVE)
     );
     println!(
         "decode bound: {:.1} GB/s read / {:.1} MB per token = {:.0} tok/s",

@@ -63,6 +63,9 @@ enum BenchCommand {
         /// Also run llama.cpp's `llama-bench` at this path on the same file and threads.
         #[arg(long, value_name = "PATH")]
         llama_bench: Option<PathBuf>,
+        /// Also run llama.cpp's `llama-server` at this path with 8 concurrent streams.
+        #[arg(long, value_name = "PATH")]
+        llama_server: Option<PathBuf>,
         /// Timed repetitions of each measurement.
         #[arg(long, default_value_t = 3)]
         repetitions: usize,
@@ -200,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     threads,
                     json,
                     llama_bench,
+                    llama_server,
                     repetitions,
                 },
         } => {
@@ -208,6 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads,
                 json,
                 llama_bench,
+                llama_server,
                 repetitions,
             };
             bench::engine(&opts)?;

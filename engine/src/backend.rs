@@ -80,6 +80,8 @@ impl Backend for CpuBackend {
     }
 
     fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {
-        self.pool.piece_bytes_mut(block, layer).copy_from_slice(data);
+        self.pool
+            .piece_bytes_mut(block, layer)
+            .copy_from_slice(data);
     }
 }

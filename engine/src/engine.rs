@@ -20,10 +20,10 @@ use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc};
 
+use crate::backend::{Backend, CpuBackend};
 use crate::chat_template::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvLayout};
-use crate::backend::{Backend, CpuBackend};
 use crate::model::{BatchSeq, Model, ModelConfig, ModelError};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -490,7 +490,8 @@ impl Engine {
         let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
-        let backend: Box<dyn Backend> = Box::new(CpuBackend::new(model, config.block_size, num_blocks));
+        let backend: Box<dyn Backend> =
+            Box::new(CpuBackend::new(model, config.block_size, num_blocks));
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

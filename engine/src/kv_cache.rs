@@ -307,7 +307,10 @@ impl std::fmt::Debug for KvPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvPool")
             .field("layout", &self.layout)
-            .field("blocks", &(self.data.len() / self.layout.block_elems().max(1)))
+            .field(
+                "blocks",
+                &(self.data.len() / self.layout.block_elems().max(1)),
+            )
             .finish()
     }
 }

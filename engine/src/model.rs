@@ -356,12 +356,7 @@ impl Model {
     ///
     /// The caller guarantees each block table covers the chunk's positions and
     /// that no two sequences write the same block.
-    pub fn forward(
-        &self,
-        cache: &mut KvPool,
-        batch: &[BatchSeq<'_>],
-        s: &mut Scratch,
-    ) -> Vec<f32> {
+    pub fn forward(&self, cache: &mut KvPool, batch: &[BatchSeq<'_>], s: &mut Scratch) -> Vec<f32> {
         let c = &self.config;
         let (d, hd) = (c.d_model, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
