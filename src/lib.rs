@@ -2,5 +2,7 @@
 //! argument parsing and dispatch.
 
 pub mod bench;
+pub mod bench_router;
 pub mod generate;
 pub mod model_pull;
+pub mod sim;

@@ -35,6 +35,8 @@ enum Command {
         /// The text to tokenize.
         text: String,
     },
+    /// Replay a request trace through the router against simulated workers.
+    Sim(tandem::sim::SimArgs),
     /// Measure performance.
     Bench {
         #[command(subcommand)]
@@ -67,6 +69,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repetitions: usize,
     },
+    /// Router speed: decision time, KV event ingestion, index memory.
+    Router(tandem::bench_router::RouterBenchArgs),
 }
 
 #[derive(Args)]
@@ -201,6 +205,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             bench::engine(&opts)?;
         }
+        Command::Sim(a) => tandem::sim::run(&a)?,
+        Command::Bench {
+            command: BenchCommand::Router(a),
+        } => tandem::bench_router::run(&a)?,
     }
     Ok(())
 }

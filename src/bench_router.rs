@@ -1,0 +1,272 @@
+//! `tandem bench router`: the router's speed at fleet scale, as plain timings.
+//!
+//! For 64 and 512 workers it fills a KV index through the event path (one `Stored`
+//! event per block, as the engine emits them) with prompt chains that share
+//! system-prompt prefixes, times that ingestion, then times routing decisions for
+//! 8,192-token prompts that are cached on one or two workers, and reports the
+//! index's bytes per indexed (worker, block) pair.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+use tandem_protocol::{BlockHash, BlockHasher, KvEvent, KvEventKind};
+use tandem_router::{CostConfig, KvRouter, Policy, WorkerId};
+
+/// Options of `tandem bench router`.
+#[derive(Debug, Args)]
+pub struct RouterBenchArgs {
+    /// (worker, block) pairs to index at each fleet size.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub blocks: usize,
+    /// Tokens per block (prompt blocks = 8192 / block size).
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Timed routing decisions at each fleet size.
+    #[arg(long, default_value_t = 5000)]
+    pub decisions: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Figures for one fleet size.
+#[derive(Debug, Serialize)]
+struct FleetResult {
+    workers: usize,
+    indexed_blocks: usize,
+    distinct_hashes: usize,
+    ingest_blocks_per_s: f64,
+    remove_blocks_per_s: f64,
+    bytes_per_block: f64,
+    rss_bytes_per_block: Option<f64>,
+    decision_mean_us: f64,
+    decision_p99_us: f64,
+    decision_miss_mean_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct RouterBench {
+    prompt_tokens: usize,
+    block_size: usize,
+    hash_prompt_us: f64,
+    fleets: Vec<FleetResult>,
+}
+
+const PROMPT_TOKENS: usize = 8192;
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+/// Chain `c`'s block hashes: a 64-block prefix shared by its group of 16, then its own.
+fn chain(c: u64, blocks: usize) -> Vec<BlockHash> {
+    (0..blocks as u64)
+        .map(|i| {
+            if i < 64 {
+                BlockHash(mix(1 << 40 | (c % 16), i))
+            } else {
+                BlockHash(mix(c, i))
+            }
+        })
+        .collect()
+}
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> {
+    let prompt_blocks = PROMPT_TOKENS / args.block_size;
+    let mut router = KvRouter::new(CostConfig::new(Policy::Kv), 1);
+    for w in 0..workers {
+        router.add_worker(w as WorkerId)?;
+    }
+    // Chain c lives on worker c % W; every fourth chain also on the next worker.
+    let chains = (args.blocks as f64 / (prompt_blocks as f64 * 1.25)).ceil() as u64;
+    let mut seq = vec![0u64; workers];
+    let mut events: Vec<(WorkerId, KvEvent)> = Vec::with_capacity(args.blocks + prompt_blocks);
+    for c in 0..chains {
+        let hashes = chain(c, prompt_blocks);
+        let holders: &[u64] = if c % 4 == 0 { &[0, 1] } else { &[0] };
+        for &k in holders {
+            let w = ((c + k) % workers as u64) as usize;
+            let mut parent = None;
+            for &h in &hashes {
+                events.push((
+                    w as WorkerId,
+                    KvEvent {
+                        seq: seq[w],
+                        kind: KvEventKind::Stored {
+                            parent,
+                            hashes: vec![h],
+                        },
+                    },
+                ));
+                seq[w] += 1;
+                parent = Some(h);
+            }
+        }
+    }
+    let rss_before = rss_bytes();
+    let started = Instant::now();
+    for (w, e) in &events {
+        router.apply_event(*w, e)?;
+    }
+    let ingest_s = started.elapsed().as_secs_f64();
+    let rss_after = rss_bytes();
+    let index = router.index();
+    let entries = index.num_entries();
+    let result_memory = index.memory_bytes() as f64 / entries as f64;
+    let rss_per_block = match (rss_before, rss_after) {
+        (Some(a), Some(b)) if b > a => Some((b - a) as f64 / entries as f64),
+        _ => None,
+    };
+
+    // Decisions: prompts cached on one or two workers, sharing a prefix with many.
+    let queries: Vec<Vec<BlockHash>> = (0..256)
+        .map(|i| chain(mix(i, 7) % chains, prompt_blocks))
+        .collect();
+    let mut times = Vec::with_capacity(args.decisions);
+    for i in 0..args.decisions {
+        let q = &queries[i % queries.len()];
+        let t = Instant::now();
+        let d = router.route(i as u64, black_box(q));
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        black_box(d);
+        router.finished(i as u64);
+    }
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let p99 = times
+        .get(((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(0.0);
+    let miss = chain(u64::MAX, prompt_blocks);
+    let t = Instant::now();
+    for i in 0..args.decisions {
+        black_box(router.route(i as u64, black_box(&miss)));
+        router.finished(i as u64);
+    }
+    let miss_mean = t.elapsed().as_secs_f64() * 1e6 / args.decisions.max(1) as f64;
+
+    // Removal: evict the events' blocks again, one Removed event per block.
+    let removals: Vec<(WorkerId, KvEvent)> = events
+        .iter()
+        .map(|(w, e)| {
+            let hashes = match &e.kind {
+                KvEventKind::Stored { hashes, .. } => hashes.clone(),
+                _ => Vec::new(),
+            };
+            let s = seq[*w as usize];
+            seq[*w as usize] += 1;
+            (
+                *w,
+                KvEvent {
+                    seq: s,
+                    kind: KvEventKind::Removed { hashes },
+                },
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    for (w, e) in &removals {
+        router.apply_event(*w, e)?;
+    }
+    let remove_s = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        router.index().num_entries() == 0,
+        "removal left {} blocks indexed",
+        router.index().num_entries()
+    );
+    Ok(FleetResult {
+        workers,
+        indexed_blocks: entries,
+        distinct_hashes: index_hashes(&events),
+        ingest_blocks_per_s: events.len() as f64 / ingest_s,
+        remove_blocks_per_s: removals.len() as f64 / remove_s,
+        bytes_per_block: result_memory,
+        rss_bytes_per_block: rss_per_block,
+        decision_mean_us: mean,
+        decision_p99_us: p99,
+        decision_miss_mean_us: miss_mean,
+    })
+}
+
+fn index_hashes(events: &[(WorkerId, KvEvent)]) -> usize {
+    let mut all: Vec<u64> = events
+        .iter()
+        .flat_map(|(_, e)| match &e.kind {
+            KvEventKind::Stored { hashes, .. } => hashes.iter().map(|h| h.0).collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all.len()
+}
+
+/// Runs `tandem bench router`.
+pub fn run(args: &RouterBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=PROMPT_TOKENS).contains(&args.block_size),
+        "--block-size must be in 1..=8192"
+    );
+    anyhow::ensure!(
+        args.blocks > 0 && args.decisions > 0,
+        "--blocks and --decisions must be positive"
+    );
+    let hasher = BlockHasher::new("bench", args.block_size);
+    let tokens: Vec<u32> = (0..PROMPT_TOKENS as u32)
+        .map(|t| t.wrapping_mul(2_654_435_761) % 50_000)
+        .collect();
+    let reps = 200;
+    let t = Instant::now();
+    for _ in 0..reps {
+        black_box(hasher.hash_prefix(black_box(&tokens)));
+    }
+    let hash_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
+    let mut fleets = Vec::new();
+    for workers in [64, 512] {
+        fleets.push(fleet(workers, args)?);
+    }
+    let bench = RouterBench {
+        prompt_tokens: PROMPT_TOKENS,
+        block_size: args.block_size,
+        hash_prompt_us: hash_us,
+        fleets,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&bench)?);
+        return Ok(());
+    }
+    println!(
+        "prompt {} tokens = {} blocks of {}; hashing it: {:.1} µs",
+        bench.prompt_tokens,
+        bench.prompt_tokens / bench.block_size,
+        bench.block_size,
+        bench.hash_prompt_us
+    );
+    for f in &bench.fleets {
+        println!(
+            "{} workers: {} blocks indexed ({} distinct hashes)\n  ingest {:.2} M blocks/s · remove {:.2} M blocks/s · {:.1} bytes/block (RSS {})\n  decision mean {:.2} µs p99 {:.2} µs · uncached prompt {:.2} µs",
+            f.workers,
+            f.indexed_blocks,
+            f.distinct_hashes,
+            f.ingest_blocks_per_s / 1e6,
+            f.remove_blocks_per_s / 1e6,
+            f.bytes_per_block,
+            f.rss_bytes_per_block
+                .map_or_else(|| "n/a".to_string(), |b| format!("{b:.1}")),
+            f.decision_mean_us,
+            f.decision_p99_us,
+            f.decision_miss_mean_us
+        );
+    }
+    Ok(())
+}
