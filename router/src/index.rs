@@ -314,26 +314,40 @@ impl KvIndex {
             Some(h) => out.active.extend_from_slice(self.holders(h)),
             None => return,
         }
-        for (i, h) in hashes.iter().enumerate().skip(1) {
-            let holders: &[Slot] = self.blocks.get(&h.0).map_or(&[], |h| self.holders(h));
-            out.next.clear();
-            // Merge of two sorted lists: survivors go on, the rest stop at i blocks.
-            let (mut a, mut b) = (0, 0);
-            while a < out.active.len() {
-                let s = out.active[a];
-                while b < holders.len() && holders[b] < s {
-                    b += 1;
-                }
-                if b < holders.len() && holders[b] == s {
-                    out.next.push(s);
-                } else if let Some(w) = &self.workers[s as usize] {
-                    out.scores.push((w.id, i as u32));
-                }
-                a += 1;
+        // Look blocks up a chunk at a time before walking them: the lookups are
+        // independent, so the CPU overlaps their cache misses instead of taking one
+        // at a time behind the walk's branches.
+        const CHUNK: usize = 32;
+        let mut found: [Option<&Holders>; CHUNK] = [None; CHUNK];
+        for (c, chunk) in hashes.chunks(CHUNK).enumerate() {
+            for (slot, h) in found.iter_mut().zip(chunk) {
+                *slot = self.blocks.get(&h.0);
             }
-            std::mem::swap(&mut out.active, &mut out.next);
-            if out.active.is_empty() {
-                return;
+            for (j, entry) in found.iter().enumerate().take(chunk.len()) {
+                let i = c * CHUNK + j;
+                if i == 0 {
+                    continue;
+                }
+                let holders: &[Slot] = entry.map_or(&[], |h| self.holders(h));
+                out.next.clear();
+                // Merge of two sorted lists: survivors go on, the rest stop at i blocks.
+                let (mut a, mut b) = (0, 0);
+                while a < out.active.len() {
+                    let s = out.active[a];
+                    while b < holders.len() && holders[b] < s {
+                        b += 1;
+                    }
+                    if b < holders.len() && holders[b] == s {
+                        out.next.push(s);
+                    } else if let Some(w) = &self.workers[s as usize] {
+                        out.scores.push((w.id, i as u32));
+                    }
+                    a += 1;
+                }
+                std::mem::swap(&mut out.active, &mut out.next);
+                if out.active.is_empty() {
+                    return;
+                }
             }
         }
         for &s in &out.active {

@@ -451,3 +451,36 @@ fn percentile(values: &mut [u64], q: f64) -> u64 {
     let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
     values[rank - 1]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::Policy;
+
+    #[test]
+    fn runs_are_deterministic_and_kv_routing_reuses_more() {
+        let trace = trace::generate(Shape::Documents, 150, 2.0, 3);
+        let run_with = |policy| {
+            let mut config = SimConfig::new(4, CostConfig::new(policy));
+            config.worker.num_blocks = 4096;
+            config.seed = 9;
+            run(&config, &trace).expect("valid config")
+        };
+        let kv = run_with(Policy::Kv);
+        assert_eq!(kv, run_with(Policy::Kv), "same seed, same report");
+        let rr = run_with(Policy::RoundRobin);
+        assert_eq!(kv.completed, 150);
+        assert!(
+            kv.prefix_reuse > rr.prefix_reuse + 0.1,
+            "{} vs {}",
+            kv.prefix_reuse,
+            rr.prefix_reuse
+        );
+        assert!(kv.ttft_p99_ms > 0.0 && kv.itl_p50_ms > 0.0);
+        let mut bad = SimConfig::new(0, CostConfig::new(Policy::Kv));
+        assert!(matches!(run(&bad, &trace), Err(SimError::Config(m)) if m.contains("workers")));
+        bad.workers = 2;
+        bad.event_loss = 1.0;
+        assert!(matches!(run(&bad, &trace), Err(SimError::Config(m)) if m.contains("event_loss")));
+    }
+}
