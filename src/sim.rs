@@ -51,18 +51,21 @@ pub struct SimArgs {
     /// Scale every step time by this factor (above 1 models a slower worker).
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
-    /// Weight of uncached prompt blocks in the cost.
-    #[arg(long, default_value_t = 1.0)]
-    pub prefill_weight: f64,
-    /// Weight of active decode blocks in the cost.
-    #[arg(long, default_value_t = 1.0)]
-    pub decode_weight: f64,
-    /// Weight of queued prefill blocks in the kv-load cost.
-    #[arg(long, default_value_t = 1.0)]
-    pub queue_weight: f64,
+    /// Weight of uncached prompt blocks in the cost (default: the policy's).
+    #[arg(long)]
+    pub prefill_weight: Option<f64>,
+    /// Weight of active decode blocks in the cost (default: the policy's).
+    #[arg(long)]
+    pub decode_weight: Option<f64>,
+    /// Weight of queued prefill blocks in the kv-load cost (default: the policy's).
+    #[arg(long)]
+    pub queue_weight: Option<f64>,
     /// Softmax temperature over normalized costs (0 picks the lowest).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Count blocks of routed, unfinished requests as already on their worker.
+    #[arg(long)]
+    pub track_pending: bool,
     /// Router replicas sharing the workers' event streams.
     #[arg(long, default_value_t = 1)]
     pub routers: usize,
@@ -112,10 +115,11 @@ pub fn run(args: &SimArgs) -> anyhow::Result<()> {
     timing.decode_ms_per_context_token *= args.time_scale;
     for &policy in &args.router {
         let mut cost = CostConfig::new(policy);
-        cost.prefill_weight = args.prefill_weight;
-        cost.decode_weight = args.decode_weight;
-        cost.queue_weight = args.queue_weight;
+        cost.prefill_weight = args.prefill_weight.unwrap_or(cost.prefill_weight);
+        cost.decode_weight = args.decode_weight.unwrap_or(cost.decode_weight);
+        cost.queue_weight = args.queue_weight.unwrap_or(cost.queue_weight);
         cost.temperature = args.temperature;
+        cost.track_pending |= args.track_pending;
         let mut config = SimConfig::new(args.workers, cost);
         config.routers = args.routers;
         config.worker.block_size = args.block_size;

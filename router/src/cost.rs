@@ -7,9 +7,11 @@
 //! ```
 //!
 //! (lowest wins, ties at random, optionally sampled by a softmax with a temperature).
-//! [`Policy::KvLoad`] adds what the simulator showed pays off: the prefill work
-//! already queued on the worker, which is what a new request waits behind before its
-//! first token.
+//! [`Policy::KvLoad`] is what the simulator showed pays off: a term for the prefill
+//! work already queued on the worker (what a new request waits behind before its
+//! first token), and a much smaller weight on decode blocks, so a request leaves the
+//! worker holding its prefix only when that worker's queue would cost more than
+//! recomputing the prefix elsewhere.
 
 use std::str::FromStr;
 
@@ -84,17 +86,29 @@ pub struct CostConfig {
     pub queue_weight: f64,
     /// 0 picks the lowest cost; above 0, samples `exp(-normalized_cost / temperature)`.
     pub temperature: f64,
+    /// Count the prompt blocks of requests routed but not finished as already on
+    /// their worker, so a burst of requests sharing a new prefix stays together.
+    pub track_pending: bool,
 }
 
 impl CostConfig {
-    /// The default weights for a policy.
+    /// The default weights for a policy: the design's for [`Policy::Kv`]; for
+    /// [`Policy::KvLoad`] the weights the simulator found best across the Mooncake
+    /// trace and the generated shapes (docs/benchmarks.md): a cached block is worth
+    /// far more than a block of decode load, and queued prefill is what delays a
+    /// new request's first token.
     pub fn new(policy: Policy) -> Self {
+        let (decode_weight, queue_weight) = match policy {
+            Policy::KvLoad => (0.05, 0.1),
+            _ => (1.0, 0.0),
+        };
         Self {
             policy,
             prefill_weight: 1.0,
-            decode_weight: 1.0,
-            queue_weight: 1.0,
+            decode_weight,
+            queue_weight,
             temperature: 0.0,
+            track_pending: false,
         }
     }
 
@@ -224,7 +238,7 @@ mod tests {
         let cs = [cand(0, 0, 0, 0), cand(1, 8, 5, 0)];
         assert_eq!(s.choose(10, &cs), Some(1));
         // Queued prefill only counts for kv-load.
-        let cs = [cand(0, 0, 0, 0), cand(1, 8, 5, 20)];
+        let cs = [cand(0, 0, 0, 0), cand(1, 8, 5, 100)];
         assert_eq!(s.choose(10, &cs), Some(1));
         let mut l = Selector::new(CostConfig::new(Policy::KvLoad), 1);
         assert_eq!(l.choose(10, &cs), Some(0));

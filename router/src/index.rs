@@ -290,6 +290,25 @@ impl KvIndex {
         Ok(())
     }
 
+    /// Adds blocks to a worker outside its event stream: for the router's own
+    /// predictions of what a worker is about to hold.
+    pub(crate) fn insert_predicted(&mut self, worker: WorkerId, hashes: &[BlockHash]) {
+        if let Some(&slot) = self.slot_of.get(&worker) {
+            for h in hashes {
+                self.insert(slot, h.0);
+            }
+        }
+    }
+
+    /// Removes blocks added by [`KvIndex::insert_predicted`].
+    pub(crate) fn remove_predicted(&mut self, worker: WorkerId, hashes: &[BlockHash]) {
+        if let Some(&slot) = self.slot_of.get(&worker) {
+            for h in hashes {
+                self.remove(slot, h.0);
+            }
+        }
+    }
+
     /// The hashes indexed for one worker, sorted (for comparing replicas and tests).
     pub fn worker_hashes(&self, worker: WorkerId) -> Vec<BlockHash> {
         let Some(&slot) = self.slot_of.get(&worker) else {

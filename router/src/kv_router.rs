@@ -17,12 +17,14 @@ pub struct Decision {
     pub overlap_blocks: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct InFlight {
     worker: WorkerId,
     blocks: u64,
     /// Uncached prompt blocks still to prefill; 0 once the first token is out.
     prefill_blocks: u64,
+    /// Prompt blocks counted as pending on the worker until the request finishes.
+    pending: Vec<BlockHash>,
 }
 
 /// Routes requests by prefix overlap and load.
@@ -35,6 +37,9 @@ pub struct KvRouter {
     position: FastMap<WorkerId, usize>,
     inflight: FastMap<RequestId, InFlight>,
     overlaps: Overlaps,
+    /// Blocks of requests in flight, by worker (only with `track_pending`).
+    pending: KvIndex,
+    pending_overlaps: Overlaps,
 }
 
 impl KvRouter {
@@ -47,6 +52,8 @@ impl KvRouter {
             position: FastMap::default(),
             inflight: FastMap::default(),
             overlaps: Overlaps::default(),
+            pending: KvIndex::new(),
+            pending_overlaps: Overlaps::default(),
         }
     }
 
@@ -63,6 +70,7 @@ impl KvRouter {
     /// Starts routing to a worker.
     pub fn add_worker(&mut self, id: WorkerId) -> Result<(), IndexError> {
         self.index.add_worker(id)?;
+        self.pending.add_worker(id)?;
         self.position.insert(id, self.candidates.len());
         self.candidates.push(Candidate {
             worker: id,
@@ -77,6 +85,7 @@ impl KvRouter {
             return false;
         };
         self.index.remove_worker(id);
+        self.pending.remove_worker(id);
         self.candidates.remove(pos);
         for (i, c) in self.candidates.iter().enumerate().skip(pos) {
             self.position.insert(c.worker, i);
@@ -112,6 +121,16 @@ impl KvRouter {
                 self.candidates[p].overlap_blocks = n;
             }
         }
+        let track_pending = self.selector.config().track_pending;
+        if track_pending {
+            self.pending.overlaps(hashes, &mut self.pending_overlaps);
+            for &(w, n) in &self.pending_overlaps.scores {
+                if let Some(&p) = self.position.get(&w) {
+                    let c = &mut self.candidates[p];
+                    c.overlap_blocks = c.overlap_blocks.max(n);
+                }
+            }
+        }
         let prompt_blocks = hashes.len() as u32;
         let chosen = self.selector.choose(prompt_blocks, &self.candidates);
         let decision = chosen.map(|i| {
@@ -125,17 +144,30 @@ impl KvRouter {
             let prefill_blocks = u64::from(prompt_blocks - c.overlap_blocks.min(prompt_blocks));
             c.decode_blocks += blocks;
             c.queued_prefill_blocks += prefill_blocks;
+            let pending = if track_pending {
+                let new = hashes[(d.overlap_blocks as usize).min(hashes.len())..].to_vec();
+                self.pending.insert_predicted(d.worker, &new);
+                new
+            } else {
+                Vec::new()
+            };
             self.inflight.insert(
                 request,
                 InFlight {
-                    worker: c.worker,
+                    worker: d.worker,
                     blocks,
                     prefill_blocks,
+                    pending,
                 },
             );
             d
         });
-        for &(w, _) in &self.overlaps.scores {
+        for &(w, _) in self
+            .overlaps
+            .scores
+            .iter()
+            .chain(&self.pending_overlaps.scores)
+        {
             if let Some(&p) = self.position.get(&w) {
                 self.candidates[p].overlap_blocks = 0;
             }
@@ -157,11 +189,12 @@ impl KvRouter {
     /// The request finished (or failed): it no longer loads its worker.
     pub fn finished(&mut self, request: RequestId) {
         self.prefill_done(request);
-        if let Some(r) = self.inflight.remove(&request)
-            && let Some(&p) = self.position.get(&r.worker)
-        {
-            let c = &mut self.candidates[p];
-            c.decode_blocks = c.decode_blocks.saturating_sub(r.blocks);
+        if let Some(r) = self.inflight.remove(&request) {
+            self.pending.remove_predicted(r.worker, &r.pending);
+            if let Some(&p) = self.position.get(&r.worker) {
+                let c = &mut self.candidates[p];
+                c.decode_blocks = c.decode_blocks.saturating_sub(r.blocks);
+            }
         }
     }
 

@@ -207,11 +207,12 @@ pub fn generate(shape: Shape, requests: usize, rate: f64, seed: u64) -> Vec<Trac
             }
         }
         Shape::Documents => {
-            // 24 documents of 8-48k tokens behind a shared 1k-token instruction;
-            // document popularity falls off as 1/rank.
+            // 160 documents of 8-48k tokens (4.5M tokens in all, more than one
+            // worker's cache) behind a shared 1k-token instruction; document
+            // popularity falls off as 1/rank.
             let mut instruction = Content::new();
             instruction.append(1024, &mut next_id);
-            let docs: Vec<Content> = (0..24)
+            let docs: Vec<Content> = (0..160)
                 .map(|_| {
                     let mut c = Content {
                         ids: instruction.ids.clone(),
