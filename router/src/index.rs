@@ -5,8 +5,8 @@
 //! A prompt's overlap with a worker is the number of its leading block hashes the
 //! worker holds, found by walking the prompt's hashes while intersecting holder sets.
 //!
-//! Memory: one map entry per distinct hash (8-byte key, 8-byte holder set), with up to
-//! three holders stored inline and larger sets spilled to a shared arena.
+//! Memory: one 16-byte table slot per distinct hash (8-byte key, 8-byte holder set),
+//! with up to three holders stored inline and larger sets spilled to a shared arena.
 //!
 //! Consistency: each worker numbers its events; the index applies them in order,
 //! ignores duplicates, and on a gap marks the worker as needing a snapshot. Until a
@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use tandem_protocol::{BlockHash, KvEvent, KvEventKind};
+
+use crate::table::BlockTable;
 
 /// A worker's identity as the router knows it.
 pub type WorkerId = u64;
@@ -90,6 +92,15 @@ enum Holders {
     Many(u32),
 }
 
+impl Default for Holders {
+    fn default() -> Self {
+        Holders::Few {
+            len: 0,
+            slots: [0; 3],
+        }
+    }
+}
+
 /// A fast hasher for keys that are already uniform 64-bit hashes (xxh3 block hashes):
 /// one multiply and a fold, so both the low bits (bucket) and high bits (tag) mix.
 #[derive(Default, Clone, Copy)]
@@ -126,7 +137,7 @@ pub struct Overlaps {
 /// The router's view of every worker's cached blocks.
 #[derive(Debug, Default)]
 pub struct KvIndex {
-    blocks: FastMap<u64, Holders>,
+    blocks: BlockTable<Holders>,
     spill: Vec<Vec<Slot>>,
     free_spill: Vec<u32>,
     workers: Vec<Option<WorkerEntry>>,
@@ -214,10 +225,7 @@ impl KvIndex {
 
     /// Approximate heap bytes held: the map's table and the spill arena.
     pub fn memory_bytes(&self) -> usize {
-        // hashbrown: one control byte per bucket plus the (key, value) pair; capacity()
-        // is 7/8 of the buckets.
-        let buckets = (self.blocks.capacity() * 8).div_ceil(7);
-        let table = buckets * (1 + std::mem::size_of::<(u64, Holders)>());
+        let table = self.blocks.memory_bytes();
         let spill: usize = self
             .spill
             .iter()
@@ -318,7 +326,7 @@ impl KvIndex {
             .blocks
             .iter()
             .filter(|(_, h)| self.holders(h).binary_search(&slot).is_ok())
-            .map(|(&k, _)| BlockHash(k))
+            .map(|(k, _)| BlockHash(k))
             .collect();
         out.sort_unstable();
         out
@@ -329,7 +337,7 @@ impl KvIndex {
         out.scores.clear();
         out.active.clear();
         let Some(first) = hashes.first() else { return };
-        match self.blocks.get(&first.0) {
+        match self.blocks.get(first.0) {
             Some(h) => out.active.extend_from_slice(self.holders(h)),
             None => return,
         }
@@ -340,7 +348,7 @@ impl KvIndex {
         let mut found: [Option<&Holders>; CHUNK] = [None; CHUNK];
         for (c, chunk) in hashes.chunks(CHUNK).enumerate() {
             for (slot, h) in found.iter_mut().zip(chunk) {
-                *slot = self.blocks.get(&h.0);
+                *slot = self.blocks.get(h.0);
             }
             for (j, entry) in found.iter().enumerate().take(chunk.len()) {
                 let i = c * CHUNK + j;
@@ -384,7 +392,7 @@ impl KvIndex {
     }
 
     fn insert(&mut self, slot: Slot, hash: u64) {
-        let added = match self.blocks.get_mut(&hash) {
+        let added = match self.blocks.get_mut(hash) {
             None => {
                 self.blocks.insert(
                     hash,
@@ -444,7 +452,7 @@ impl KvIndex {
     }
 
     fn remove(&mut self, slot: Slot, hash: u64) {
-        let Some(h) = self.blocks.get_mut(&hash) else {
+        let Some(h) = self.blocks.get_mut(hash) else {
             return;
         };
         let (removed, now_empty) = match h {
@@ -482,7 +490,7 @@ impl KvIndex {
             }
         };
         if now_empty {
-            self.blocks.remove(&hash);
+            self.blocks.remove(hash);
         }
         if removed {
             self.entries -= 1;
@@ -506,7 +514,7 @@ impl KvIndex {
             .blocks
             .iter()
             .filter(|(_, h)| self.holders(h).binary_search(&slot).is_ok())
-            .map(|(&k, _)| k)
+            .map(|(k, _)| k)
             .collect();
         for h in hashes {
             self.remove(slot, h);

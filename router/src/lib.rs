@@ -15,6 +15,7 @@ pub mod index;
 mod kv_router;
 mod rng;
 pub mod sim;
+mod table;
 
 pub use cost::{CostConfig, Policy};
 pub use index::{Applied, IndexError, KvIndex, KvSnapshot, Overlaps, SyncState, WorkerId};
