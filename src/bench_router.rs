@@ -26,6 +26,9 @@ pub struct RouterBenchArgs {
     /// Timed routing decisions at each fleet size.
     #[arg(long, default_value_t = 5000)]
     pub decisions: usize,
+    /// Repetitions of each measurement; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -83,10 +86,6 @@ fn rss_bytes() -> Option<u64> {
 
 fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> {
     let prompt_blocks = PROMPT_TOKENS / args.block_size;
-    let mut router = KvRouter::new(CostConfig::new(Policy::Kv), 1);
-    for w in 0..workers {
-        router.add_worker(w as WorkerId)?;
-    }
     // Chain c lives on worker c % W; every fourth chain also on the next worker.
     let chains = (args.blocks as f64 / (prompt_blocks as f64 * 1.25)).ceil() as u64;
     let mut seq = vec![0u64; workers];
@@ -113,49 +112,6 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
             }
         }
     }
-    let rss_before = rss_bytes();
-    let started = Instant::now();
-    for (w, e) in &events {
-        router.apply_event(*w, e)?;
-    }
-    let ingest_s = started.elapsed().as_secs_f64();
-    let rss_after = rss_bytes();
-    let index = router.index();
-    let entries = index.num_entries();
-    let result_memory = index.memory_bytes() as f64 / entries as f64;
-    let rss_per_block = match (rss_before, rss_after) {
-        (Some(a), Some(b)) if b > a => Some((b - a) as f64 / entries as f64),
-        _ => None,
-    };
-
-    // Decisions: prompts cached on one or two workers, sharing a prefix with many.
-    let queries: Vec<Vec<BlockHash>> = (0..256)
-        .map(|i| chain(mix(i, 7) % chains, prompt_blocks))
-        .collect();
-    let mut times = Vec::with_capacity(args.decisions);
-    for i in 0..args.decisions {
-        let q = &queries[i % queries.len()];
-        let t = Instant::now();
-        let d = router.route(i as u64, black_box(q));
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-        black_box(d);
-        router.finished(i as u64);
-    }
-    times.sort_by(f64::total_cmp);
-    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-    let p99 = times
-        .get(((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
-        .copied()
-        .unwrap_or(0.0);
-    let miss = chain(u64::MAX, prompt_blocks);
-    let t = Instant::now();
-    for i in 0..args.decisions {
-        black_box(router.route(i as u64, black_box(&miss)));
-        router.finished(i as u64);
-    }
-    let miss_mean = t.elapsed().as_secs_f64() * 1e6 / args.decisions.max(1) as f64;
-
-    // Removal: evict the events' blocks again, one Removed event per block.
     let removals: Vec<(WorkerId, KvEvent)> = events
         .iter()
         .map(|(w, e)| {
@@ -174,28 +130,100 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
             )
         })
         .collect();
-    let started = Instant::now();
-    for (w, e) in &removals {
-        router.apply_event(*w, e)?;
+    let queries: Vec<Vec<BlockHash>> = (0..256)
+        .map(|i| chain(mix(i, 7) % chains, prompt_blocks))
+        .collect();
+    let miss = chain(u64::MAX, prompt_blocks);
+
+    // Each repetition starts from an empty index; the best repetition of each phase
+    // is reported, the figure least disturbed by other work on a shared machine.
+    let mut best: Option<FleetResult> = None;
+    for rep in 0..args.repetitions.max(1) {
+        let mut router = KvRouter::new(CostConfig::new(Policy::Kv), 1);
+        for w in 0..workers {
+            router.add_worker(w as WorkerId)?;
+        }
+        let rss_before = rss_bytes();
+        let started = Instant::now();
+        for (w, e) in &events {
+            router.apply_event(*w, e)?;
+        }
+        let ingest_s = started.elapsed().as_secs_f64();
+        let rss_after = rss_bytes();
+        let entries = router.index().num_entries();
+        let bytes_per_block = router.index().memory_bytes() as f64 / entries as f64;
+        // Only the first repetition grows the heap; later ones reuse freed memory.
+        let rss_per_block = match (rep, rss_before, rss_after) {
+            (0, Some(a), Some(b)) if b > a => Some((b - a) as f64 / entries as f64),
+            _ => None,
+        };
+
+        // Decisions: prompts cached on one or two workers, sharing a prefix with many.
+        let mut times = Vec::with_capacity(args.decisions);
+        for i in 0..args.decisions {
+            let q = &queries[i % queries.len()];
+            let t = Instant::now();
+            let d = router.route(i as u64, black_box(q));
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+            black_box(d);
+            router.finished(i as u64);
+        }
+        times.sort_by(f64::total_cmp);
+        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        let p99 = times
+            .get(((times.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0.0);
+        let t = Instant::now();
+        for i in 0..args.decisions {
+            black_box(router.route(i as u64, black_box(&miss)));
+            router.finished(i as u64);
+        }
+        let miss_mean = t.elapsed().as_secs_f64() * 1e6 / args.decisions.max(1) as f64;
+
+        // Removal: evict the blocks again, one Removed event per block.
+        let started = Instant::now();
+        for (w, e) in &removals {
+            router.apply_event(*w, e)?;
+        }
+        let remove_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            router.index().num_entries() == 0,
+            "removal left {} blocks indexed",
+            router.index().num_entries()
+        );
+        let this = FleetResult {
+            workers,
+            indexed_blocks: entries,
+            distinct_hashes: 0,
+            ingest_blocks_per_s: events.len() as f64 / ingest_s,
+            remove_blocks_per_s: removals.len() as f64 / remove_s,
+            bytes_per_block,
+            rss_bytes_per_block: rss_per_block,
+            decision_mean_us: mean,
+            decision_p99_us: p99,
+            decision_miss_mean_us: miss_mean,
+        };
+        best = Some(match best {
+            None => this,
+            Some(b) => FleetResult {
+                ingest_blocks_per_s: b.ingest_blocks_per_s.max(this.ingest_blocks_per_s),
+                remove_blocks_per_s: b.remove_blocks_per_s.max(this.remove_blocks_per_s),
+                decision_miss_mean_us: b.decision_miss_mean_us.min(this.decision_miss_mean_us),
+                ..if this.decision_mean_us < b.decision_mean_us {
+                    FleetResult {
+                        rss_bytes_per_block: b.rss_bytes_per_block,
+                        ..this
+                    }
+                } else {
+                    b
+                }
+            },
+        });
     }
-    let remove_s = started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        router.index().num_entries() == 0,
-        "removal left {} blocks indexed",
-        router.index().num_entries()
-    );
-    Ok(FleetResult {
-        workers,
-        indexed_blocks: entries,
-        distinct_hashes: index_hashes(&events),
-        ingest_blocks_per_s: events.len() as f64 / ingest_s,
-        remove_blocks_per_s: removals.len() as f64 / remove_s,
-        bytes_per_block: result_memory,
-        rss_bytes_per_block: rss_per_block,
-        decision_mean_us: mean,
-        decision_p99_us: p99,
-        decision_miss_mean_us: miss_mean,
-    })
+    let mut result = best.ok_or_else(|| anyhow::anyhow!("no repetitions ran"))?;
+    result.distinct_hashes = index_hashes(&events);
+    Ok(result)
 }
 
 fn index_hashes(events: &[(WorkerId, KvEvent)]) -> usize {

@@ -45,7 +45,8 @@ pub struct SimArgs {
     /// Sequences running at once per worker.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
-    /// Timing profile: `gpu` (8B-class model on one GPU) or `cpu` (tandem's CPU engine).
+    /// Timing profile: `gpu` (8B-class model on one GPU, Dynamo's mocker's shape), `h200`
+    /// (8B kernels measured on an H200) or `cpu` (tandem's CPU engine on SmolLM2-135M).
     #[arg(long, default_value = "gpu")]
     pub timing: String,
     /// Scale every step time by this factor (above 1 models a slower worker).
@@ -102,17 +103,18 @@ pub fn run(args: &SimArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --trace or --generate"),
     };
-    let mut timing = TimingModel::profile(&args.timing)
-        .with_context(|| format!("unknown --timing {:?}; expected gpu or cpu", args.timing))?;
     anyhow::ensure!(
         args.time_scale > 0.0 && args.time_scale.is_finite(),
         "--time-scale must be positive"
     );
-    timing.step_overhead_ms *= args.time_scale;
-    timing.prefill_ms_per_token *= args.time_scale;
-    timing.attention_ms_per_token_pair *= args.time_scale;
-    timing.decode_ms_per_seq *= args.time_scale;
-    timing.decode_ms_per_context_token *= args.time_scale;
+    let timing = TimingModel::profile(&args.timing)
+        .with_context(|| {
+            format!(
+                "unknown --timing {:?}; expected gpu, h200 or cpu",
+                args.timing
+            )
+        })?
+        .scaled(args.time_scale);
     for &policy in &args.router {
         let mut cost = CostConfig::new(policy);
         cost.prefill_weight = args.prefill_weight.unwrap_or(cost.prefill_weight);

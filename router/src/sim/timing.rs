@@ -9,6 +9,7 @@
 //! step = overhead
 //!      + prefill_ms_per_token * prefill_tokens
 //!      + attention_ms_per_token_pair * sum over chunks of take * (start + take / 2)
+//!      + decode_step_ms if the step has any decode
 //!      + decode_ms_per_seq * decodes
 //!      + decode_ms_per_context_token * sum over decodes of context
 //! ```
@@ -21,6 +22,7 @@ pub struct TimingModel {
     pub step_overhead_ms: f64,
     pub prefill_ms_per_token: f64,
     pub attention_ms_per_token_pair: f64,
+    pub decode_step_ms: f64,
     pub decode_ms_per_seq: f64,
     pub decode_ms_per_context_token: f64,
 }
@@ -46,30 +48,60 @@ impl TimingModel {
             step_overhead_ms: 2.9,
             prefill_ms_per_token: 2.77,
             attention_ms_per_token_pair: 0.0,
+            decode_step_ms: 0.0,
             decode_ms_per_seq: 3.35,
             decode_ms_per_context_token: 0.0,
         }
     }
 
-    /// An 8B-class model on one datacenter GPU, of the same shape as Dynamo's mocker:
-    /// ~13.5k prefill tok/s falling off quadratically with context, and decode steps
-    /// of 15 ms plus ~44 ms when 1M tokens of context are read.
+    /// An 8B-class model on one GPU as Dynamo's mocker models it: ~13.5k prefill
+    /// tok/s falling off with context, decode steps of 15 ms plus ~44 ms when 1M
+    /// tokens of context are read. The default, so results compare with Dynamo's.
     pub fn gpu() -> Self {
         Self {
             step_overhead_ms: 15.0,
             prefill_ms_per_token: 0.074,
             attention_ms_per_token_pair: 1.3e-6,
+            decode_step_ms: 0.0,
             decode_ms_per_seq: 0.02,
             decode_ms_per_context_token: 4.2e-5,
         }
     }
 
-    /// A named profile: `cpu` or `gpu`.
+    /// Llama-3-8B-shaped bf16 kernels timed on one NVIDIA H200 with PyTorch 2.11
+    /// (scripts/calibrate_gpu_timing.py, least-squares fit; docs/benchmarks.md):
+    /// ~47k prefill tok/s, and a decode pass costing ~11 ms plus KV reads. Kernel
+    /// time in eager mode, without an engine's host overhead.
+    pub fn h200() -> Self {
+        Self {
+            step_overhead_ms: 3.3,
+            prefill_ms_per_token: 0.0213,
+            attention_ms_per_token_pair: 9.1e-7,
+            decode_step_ms: 8.1,
+            decode_ms_per_seq: 0.0,
+            decode_ms_per_context_token: 2.86e-5,
+        }
+    }
+
+    /// A named profile: `cpu`, `gpu` or `h200`.
     pub fn profile(name: &str) -> Option<Self> {
         match name {
             "cpu" => Some(Self::cpu()),
             "gpu" => Some(Self::gpu()),
+            "h200" => Some(Self::h200()),
             _ => None,
+        }
+    }
+
+    /// Every coefficient multiplied by `factor` (a slower or faster worker).
+    pub fn scaled(self, factor: f64) -> Self {
+        Self {
+            step_overhead_ms: self.step_overhead_ms * factor,
+            prefill_ms_per_token: self.prefill_ms_per_token * factor,
+            attention_ms_per_token_pair: self.attention_ms_per_token_pair * factor,
+            decode_step_ms: self.decode_step_ms * factor,
+            decode_ms_per_seq: self.decode_ms_per_seq * factor,
+            decode_ms_per_context_token: self.decode_ms_per_context_token * factor,
         }
     }
 
@@ -79,6 +111,7 @@ impl TimingModel {
             self.step_overhead_ms,
             self.prefill_ms_per_token,
             self.attention_ms_per_token_pair,
+            self.decode_step_ms,
             self.decode_ms_per_seq,
             self.decode_ms_per_context_token,
         ]
@@ -91,6 +124,11 @@ impl TimingModel {
         let ms = self.step_overhead_ms
             + self.prefill_ms_per_token * s.prefill_tokens as f64
             + self.attention_ms_per_token_pair * s.prefill_token_pairs
+            + if s.decodes > 0 {
+                self.decode_step_ms
+            } else {
+                0.0
+            }
             + self.decode_ms_per_seq * s.decodes as f64
             + self.decode_ms_per_context_token * s.decode_context as f64;
         ((ms * 1000.0).round() as u64).max(1)
