@@ -347,6 +347,9 @@ impl KvIndex {
         const CHUNK: usize = 32;
         let mut found: [Option<&Holders>; CHUNK] = [None; CHUNK];
         for (c, chunk) in hashes.chunks(CHUNK).enumerate() {
+            for h in chunk {
+                self.blocks.prefetch(h.0);
+            }
             for (slot, h) in found.iter_mut().zip(chunk) {
                 *slot = self.blocks.get(h.0);
             }

@@ -74,6 +74,22 @@ impl<V: Copy + Default> BlockTable<V> {
         }
     }
 
+    /// Starts loading `key`'s home slot into the cache, so a lookup soon after
+    /// does not wait on memory.
+    #[inline]
+    pub(crate) fn prefetch(&self, key: u64) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let slot = self.slots[self.home(key)..].as_ptr();
+            // A prefetch is only a hint: it never faults and changes no state.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(slot.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = key;
+    }
+
     /// The value under `key`.
     #[inline]
     pub(crate) fn get(&self, key: u64) -> Option<&V> {
