@@ -395,18 +395,13 @@ impl KvIndex {
     }
 
     fn insert(&mut self, slot: Slot, hash: u64) {
-        let added = match self.blocks.get_mut(hash) {
-            None => {
-                self.blocks.insert(
-                    hash,
-                    Holders::Few {
-                        len: 1,
-                        slots: [slot, 0, 0],
-                    },
-                );
-                true
-            }
-            Some(Holders::Few { len, slots }) => {
+        // One probe: a new hash gets an empty holder set in place.
+        let h = self.blocks.entry(hash);
+        let added = match *h {
+            Holders::Few {
+                ref mut len,
+                ref mut slots,
+            } => {
                 let n = *len as usize;
                 match slots[..n].binary_search(&slot) {
                     Ok(_) => false,
@@ -430,13 +425,13 @@ impl KvIndex {
                                 (self.spill.len() - 1) as u32
                             }
                         };
-                        self.blocks.insert(hash, Holders::Many(i));
+                        *h = Holders::Many(i);
                         true
                     }
                 }
             }
-            Some(Holders::Many(i)) => {
-                let v = &mut self.spill[*i as usize];
+            Holders::Many(i) => {
+                let v = &mut self.spill[i as usize];
                 match v.binary_search(&slot) {
                     Ok(_) => false,
                     Err(pos) => {

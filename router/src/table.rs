@@ -107,13 +107,13 @@ impl<V: Copy + Default> BlockTable<V> {
         self.find(key).map(|i| &mut self.slots[i].1)
     }
 
-    /// Sets the value under `key`.
-    pub(crate) fn insert(&mut self, key: u64, value: V) {
+    /// The value under `key`, inserting `V::default()` first if it is absent.
+    pub(crate) fn entry(&mut self, key: u64) -> &mut V {
         if key == 0 {
-            if self.zero.replace(value).is_none() {
+            if self.zero.is_none() {
                 self.len += 1;
             }
-            return;
+            return self.zero.get_or_insert_with(V::default);
         }
         if (self.len + 1) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
             self.grow();
@@ -123,13 +123,12 @@ impl<V: Copy + Default> BlockTable<V> {
         loop {
             let k = self.slots[i].0;
             if k == key {
-                self.slots[i].1 = value;
-                return;
+                return &mut self.slots[i].1;
             }
             if k == 0 {
-                self.slots[i] = (key, value);
+                self.slots[i] = (key, V::default());
                 self.len += 1;
-                return;
+                return &mut self.slots[i].1;
             }
             i = (i + 1) & mask;
         }
@@ -211,7 +210,7 @@ mod tests {
                 // Spread some keys to the top bits as real hashes are.
                 let k = if k % 2 == 0 { k } else { k.wrapping_mul(0x9E37_79B9_7F4A_7C15) };
                 if insert {
-                    t.insert(k, v);
+                    *t.entry(k) = v;
                     m.insert(k, v);
                 } else {
                     prop_assert_eq!(t.remove(k), m.remove(&k));
