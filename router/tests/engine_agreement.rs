@@ -44,7 +44,8 @@ fn simulated_worker_hits_match_the_engine() {
     let config = EngineConfig {
         block_size: 16,
         kv_cache_tokens: 640,
-        max_batch_tokens: 512,
+        // Small steps: every prompt is prefilled in chunks, registering blocks between them.
+        max_batch_tokens: 48,
         max_running: 64,
         threads: Some(1),
     };
