@@ -192,6 +192,9 @@ struct Run<'a> {
 /// Replays `trace` under `config`.
 pub fn run(config: &SimConfig, trace: &[TraceRequest]) -> Result<SimReport, SimError> {
     config.validate()?;
+    if let Some(i) = trace.iter().position(|r| r.input_length == 0) {
+        return Err(SimError::Config(format!("request {i} has an empty prompt")));
+    }
     let hasher = BlockHasher::new("tandem-sim", config.worker.block_size);
     let reqs: Vec<SimRequest> = trace
         .iter()
