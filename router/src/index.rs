@@ -179,6 +179,12 @@ impl KvIndex {
         Ok(())
     }
 
+    /// Sizes the table for `blocks` more distinct hashes, so ingestion does not pay
+    /// for rehashing as the fleet's caches fill (a router knows their capacities).
+    pub fn reserve(&mut self, blocks: usize) {
+        self.blocks.reserve(blocks);
+    }
+
     /// Forgets a worker and every block it held; false if it was not tracked.
     pub fn remove_worker(&mut self, id: WorkerId) -> bool {
         let Some(slot) = self.slot_of.remove(&id) else {
@@ -274,6 +280,28 @@ impl KvIndex {
             KvEventKind::Cleared => self.drop_all_blocks(slot),
         }
         Ok(Applied::Applied)
+    }
+
+    /// Applies a batch of one worker's events in order, as a worker publishes them
+    /// after a step. While applying one event it prefetches the table slots of the
+    /// events a few places ahead, so their cache misses overlap. Stops at the first
+    /// error (a gap), leaving the events before it applied.
+    pub fn apply_all(&mut self, worker: WorkerId, events: &[KvEvent]) -> Result<(), IndexError> {
+        const AHEAD: usize = 8;
+        for (i, event) in events.iter().enumerate() {
+            if let Some(next) = events.get(i + AHEAD) {
+                match &next.kind {
+                    KvEventKind::Stored { hashes, .. } | KvEventKind::Removed { hashes } => {
+                        for h in hashes {
+                            self.blocks.prefetch(h.0);
+                        }
+                    }
+                    KvEventKind::Cleared => {}
+                }
+            }
+            self.apply(worker, event)?;
+        }
+        Ok(())
     }
 
     /// Replaces a worker's blocks with a snapshot and resumes its event stream at

@@ -79,6 +79,11 @@ impl KvRouter {
         Ok(())
     }
 
+    /// Sizes the index for `blocks` more distinct block hashes (see [`KvIndex::reserve`]).
+    pub fn reserve(&mut self, blocks: usize) {
+        self.index.reserve(blocks);
+    }
+
     /// Stops routing to a worker and forgets its blocks and requests.
     pub fn remove_worker(&mut self, id: WorkerId) -> bool {
         let Some(pos) = self.position.remove(&id) else {
@@ -101,6 +106,11 @@ impl KvRouter {
         event: &KvEvent,
     ) -> Result<Applied, IndexError> {
         self.index.apply(worker, event)
+    }
+
+    /// Applies a batch of a worker's KV events in order (see [`KvIndex::apply_all`]).
+    pub fn apply_events(&mut self, worker: WorkerId, events: &[KvEvent]) -> Result<(), IndexError> {
+        self.index.apply_all(worker, events)
     }
 
     /// Rebuilds a worker's blocks from a snapshot.

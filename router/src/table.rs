@@ -175,6 +175,13 @@ impl<V: Copy + Default> BlockTable<V> {
         )
     }
 
+    /// Makes room for `additional` more entries without growing again.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        while (self.len + additional) * MAX_LOAD_DEN > self.slots.len() * MAX_LOAD_NUM {
+            self.grow();
+        }
+    }
+
     fn grow(&mut self) {
         let bits = 64 - self.shift + 1;
         let old = std::mem::replace(&mut self.slots, vec![(0, V::default()); 1 << bits]);

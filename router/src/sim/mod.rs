@@ -211,6 +211,7 @@ pub fn run(config: &SimConfig, trace: &[TraceRequest]) -> Result<SimReport, SimE
     let mut routers = Vec::with_capacity(config.routers);
     for r in 0..config.routers {
         let mut router = KvRouter::new(config.cost, config.seed.wrapping_add(r as u64));
+        router.reserve(config.workers * config.worker.num_blocks);
         for w in 0..config.workers {
             router.add_worker(w as WorkerId)?;
         }
@@ -335,14 +336,7 @@ impl Run<'_> {
             if self.config.event_loss > 0.0 && self.loss.next_f64() < self.config.event_loss {
                 continue;
             }
-            let mut gap = false;
-            for e in events {
-                if self.routers[r].apply_event(w as WorkerId, e).is_err() {
-                    gap = true;
-                    break;
-                }
-            }
-            if gap {
+            if self.routers[r].apply_events(w as WorkerId, events).is_err() {
                 let (next_seq, hashes) = self.workers[w].snapshot();
                 let snapshot = KvSnapshot { next_seq, hashes };
                 if self.routers[r]
