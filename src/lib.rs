@@ -3,5 +3,7 @@
 
 pub mod bench;
 pub mod bench_transfer;
+pub mod bench_router;
 pub mod generate;
 pub mod model_pull;
+pub mod sim;

@@ -35,6 +35,8 @@ enum Command {
         /// The text to tokenize.
         text: String,
     },
+    /// Replay a request trace through the router against simulated workers.
+    Sim(tandem::sim::SimArgs),
     /// Measure performance.
     Bench {
         #[command(subcommand)]
@@ -81,6 +83,8 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
     },
+    /// Router speed: decision time, KV event ingestion, index memory.
+    Router(tandem::bench_router::RouterBenchArgs),
 }
 
 #[derive(Args)]
@@ -232,6 +236,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tandem::bench_transfer::transfer(&opts)?;
         }
+        Command::Sim(a) => tandem::sim::run(&a)?,
+        Command::Bench {
+            command: BenchCommand::Router(a),
+        } => tandem::bench_router::run(&a)?,
     }
     Ok(())
 }
