@@ -185,7 +185,7 @@ pub(crate) async fn collect(
                     finish_reason: reason,
                 })
                 .collect();
-            serde_json::to_value(ChatCompletion {
+            axum::Json(ChatCompletion {
                 id,
                 object: "chat.completion",
                 created,
@@ -194,6 +194,7 @@ pub(crate) async fn collect(
                 choices,
                 usage,
             })
+            .into_response()
         }
         Endpoint::Completion => {
             let choices = texts
@@ -208,7 +209,7 @@ pub(crate) async fn collect(
                     finish_reason: Some(reason),
                 })
                 .collect();
-            serde_json::to_value(Completion {
+            axum::Json(Completion {
                 id,
                 object: "text_completion",
                 created,
@@ -217,10 +218,10 @@ pub(crate) async fn collect(
                 choices,
                 usage: Some(usage),
             })
+            .into_response()
         }
-    }
-    .map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")))?;
-    Ok(axum::Json(body).into_response())
+    };
+    Ok(body)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tandem_engine::chat_template::ChatMessage;
-use tandem_engine::engine::{Engine, EngineConfig, Request, TokenEvent};
+use tandem_engine::engine::{Engine, EngineConfig, LoadReport, Request, TokenEvent};
 use tandem_openai::{ApiConfig, EngineGenerator, router, serve};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -122,6 +122,19 @@ async fn engine_greedy(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> 
         }
     }
     panic!("the engine stopped");
+}
+
+/// Waits until the engine's load report satisfies `done` (it is published after each step).
+async fn wait_for_load(engine: &Engine, done: impl Fn(&LoadReport) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let load = engine.load_report();
+        if done(&load) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "load stays {load:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn chat_body(extra: Value) -> Value {
@@ -437,7 +450,7 @@ async fn keys_overload_and_disconnects() {
     assert_eq!(r.status(), StatusCode::OK);
 
     // A long stream takes the only slot.
-    let long = chat_body(json!({"stream": true, "max_tokens": 4000, "ignore_eos": true}));
+    let long = chat_body(json!({"stream": true, "max_tokens": 8000, "ignore_eos": true}));
     let mut stream = server
         .client
         .post(url("/v1/chat/completions"))
@@ -464,17 +477,22 @@ async fn keys_overload_and_disconnects() {
     assert_eq!(e["error"]["type"], "rate_limit_error");
 
     // The client goes away: the engine stops the work and the slot frees.
-    assert!(server.engine().load_report().running > 0);
+    wait_for_load(server.engine(), |l| l.running == 1).await;
     drop(stream);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let load = server.engine().load_report();
-        if load.running == 0 && load.waiting == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still running: {load:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_load(server.engine(), |l| l.running == 0 && l.waiting == 0).await;
+
+    // So does one that gives up waiting for a whole answer.
+    let whole = chat_body(json!({"max_tokens": 8000, "ignore_eos": true}));
+    let gave_up = server
+        .client
+        .post(url("/v1/chat/completions"))
+        .bearer_auth("sk-tandem-test")
+        .json(&whole)
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    wait_for_load(server.engine(), |l| l.running == 0 && l.waiting == 0).await;
     let r = server
         .client
         .post(url("/v1/chat/completions"))
@@ -484,4 +502,30 @@ async fn keys_overload_and_disconnects() {
         .await
         .expect("sent");
     assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python3 with the openai package (pip install openai)"]
+async fn the_openai_python_sdk_works_unchanged() {
+    let server = TestServer::start(ApiConfig {
+        api_keys: vec!["sk-sdk".into()],
+        ..ApiConfig::default()
+    })
+    .await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/check_openai_sdk.py");
+    let base = format!("{}/v1", server.url);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &base, "sk-sdk", MODEL])
+            .output()
+    })
+    .await
+    .expect("joins")
+    .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
