@@ -14,6 +14,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         api_keys: args.collect(),
         ..ApiConfig::default()
     };
+    config.validate()?;
     let path = std::env::var_os("TANDEM_MODEL")
         .map_or_else(tandem_engine::paths::default_model_path, Into::into);
     let generator = EngineGenerator::load("SmolLM2-135M-Instruct", &path, EngineConfig::default())?;

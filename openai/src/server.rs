@@ -155,8 +155,9 @@ async fn authorize<G: Generator>(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        // The scheme is case-insensitive (RFC 9110).
+        .and_then(|(scheme, key)| scheme.eq_ignore_ascii_case("bearer").then_some(key.trim()));
     match given {
         Some(key) if keys.iter().any(|k| same_key(k, key)) => next.run(request).await,
         Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
