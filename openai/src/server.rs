@@ -226,12 +226,20 @@ async fn answer<G: Generator>(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let permit = take_slot(api)?;
+    let id = api.response_id(endpoint.id_prefix());
+    tracing::debug!(
+        %id,
+        model = %plan.model.name,
+        choices = plan.choices.len(),
+        prompt_tokens = plan.prompt_tokens(),
+        stream = plan.stream,
+        "completion request"
+    );
     let mut streams: Vec<TokenStream> = Vec::with_capacity(plan.choices.len());
     for choice in &plan.choices {
         // An error drops the streams already started, which cancels them.
         streams.push(api.generator.generate(choice.clone()).await?);
     }
-    let id = api.response_id(endpoint.id_prefix());
     if plan.stream {
         Ok(stream(plan, endpoint, id, streams, permit))
     } else {

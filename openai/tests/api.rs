@@ -297,6 +297,31 @@ async fn completions_agree_with_the_engine_streamed_or_not() {
     assert_eq!(choices[1]["index"], 1);
     let (_, again) = server.post("/v1/chat/completions", &sampled).await;
     assert_eq!(again["choices"], first["choices"]);
+    // Streamed, the two choices interleave and each ends with its finish reason.
+    let mut streamed_sampled = sampled.clone();
+    streamed_sampled["stream"] = json!(true);
+    let events = server
+        .post_stream("/v1/chat/completions", &streamed_sampled)
+        .await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = [String::new(), String::new()];
+    let mut finishes = [Value::Null, Value::Null];
+    for e in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(e).expect("chunk is JSON");
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().expect("index") as usize;
+        texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+        if !choice["finish_reason"].is_null() {
+            finishes[i] = choice["finish_reason"].clone();
+        }
+    }
+    for i in 0..2 {
+        assert_eq!(
+            texts[i],
+            choices[i]["message"]["content"].as_str().expect("text")
+        );
+        assert_eq!(finishes[i], choices[i]["finish_reason"]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
