@@ -13,6 +13,8 @@ use crate::wire::{ChatCompletionRequest, CommonParams, CompletionRequest, Prompt
 
 /// Most stop strings a request may give.
 pub(crate) const MAX_STOP: usize = 16;
+/// Longest stop string, in bytes.
+pub(crate) const MAX_STOP_BYTES: usize = 1024;
 /// Default `max_tokens` of text completions, as OpenAI's.
 const COMPLETION_DEFAULT_MAX_TOKENS: usize = 16;
 
@@ -269,6 +271,12 @@ fn build(
         return Err(ApiError::invalid_param(
             "stop",
             format!("at most {MAX_STOP} stop strings are allowed"),
+        ));
+    }
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_param(
+            "stop",
+            format!("a stop string may be at most {MAX_STOP_BYTES} bytes"),
         ));
     }
     let vocab = model.tokenizer.vocab_size();

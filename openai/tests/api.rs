@@ -386,6 +386,8 @@ async fn bad_requests_get_openai_errors_and_leave_others_alone() {
             "top_logprobs",
         ),
         (json!({"messages": []}), "messages"),
+        (json!({"stop": "x".repeat(2000)}), "stop"),
+        (json!({"top_k": -5}), "top_k"),
     ] {
         let (status, e) = server.post("/v1/chat/completions", &chat_body(extra)).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{param}: {e}");
