@@ -18,7 +18,7 @@ mod model;
 mod request;
 mod response;
 mod server;
-pub mod wire;
+mod wire;
 
 pub use engine_generator::{EngineGenerator, EngineGeneratorError};
 pub use error::ApiError;
