@@ -235,6 +235,8 @@ enum Phase {
 /// A streamed answer in progress; dropping it (the client went away) drops
 /// every choice's token stream, which cancels the work.
 struct Streaming {
+    /// Declared first so the slot is free by the time the streams are dropped.
+    permit: Option<OwnedSemaphorePermit>,
     plan: Plan,
     endpoint: Endpoint,
     id: String,
@@ -246,7 +248,6 @@ struct Streaming {
     chars: Vec<usize>,
     finished: Vec<Option<Usage>>,
     remaining: usize,
-    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Answers with server-sent events; `permit` is held until the last event.
@@ -259,6 +260,7 @@ pub(crate) fn stream(
 ) -> Response {
     let k = streams.len();
     let state = Streaming {
+        permit: Some(permit),
         plan,
         endpoint,
         id,
@@ -269,7 +271,6 @@ pub(crate) fn stream(
         chars: vec![0; k],
         finished: vec![None; k],
         remaining: k,
-        permit: Some(permit),
     };
     let events = stream::unfold(state, |mut s| async move {
         let event = s.next_event().await?;
