@@ -370,7 +370,7 @@ impl Streaming {
                 }
                 let role = self.take_role(i);
                 Some(self.chat_chunk(
-                    ChatChunkChoice {
+                    vec![ChatChunkChoice {
                         index: i,
                         delta: Delta {
                             role,
@@ -378,7 +378,7 @@ impl Streaming {
                         },
                         logprobs,
                         finish_reason: None,
-                    },
+                    }],
                     None,
                 ))
             }
@@ -395,12 +395,12 @@ impl Streaming {
                     return None;
                 }
                 Some(self.completion_chunk(
-                    CompletionChoice {
+                    vec![CompletionChoice {
                         index: i,
                         text: t.text.clone(),
                         logprobs,
                         finish_reason: None,
-                    },
+                    }],
                     None,
                 ))
             }
@@ -416,7 +416,7 @@ impl Streaming {
             Endpoint::Chat => {
                 let role = self.take_role(i);
                 self.chat_chunk(
-                    ChatChunkChoice {
+                    vec![ChatChunkChoice {
                         index: i,
                         delta: Delta {
                             role,
@@ -424,17 +424,17 @@ impl Streaming {
                         },
                         logprobs: None,
                         finish_reason: Some(reason),
-                    },
+                    }],
                     None,
                 )
             }
             Endpoint::Completion => self.completion_chunk(
-                CompletionChoice {
+                vec![CompletionChoice {
                     index: i,
                     text: String::new(),
                     logprobs: None,
                     finish_reason: Some(reason),
-                },
+                }],
                 None,
             ),
         }
@@ -443,47 +443,35 @@ impl Streaming {
     fn usage_event(&self) -> Event {
         let usage = Some(total_usage(&self.plan, &self.finished));
         match self.endpoint {
-            Endpoint::Chat => json_event(&ChatCompletionChunk {
-                id: self.id.clone(),
-                object: "chat.completion.chunk",
-                created: self.created,
-                model: self.plan.model.name.clone(),
-                system_fingerprint: FINGERPRINT,
-                choices: Vec::new(),
-                usage,
-            }),
-            Endpoint::Completion => json_event(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.plan.model.name.clone(),
-                system_fingerprint: FINGERPRINT,
-                choices: Vec::new(),
-                usage,
-            }),
+            Endpoint::Chat => self.chat_chunk(Vec::new(), usage),
+            Endpoint::Completion => self.completion_chunk(Vec::new(), usage),
         }
     }
 
-    fn chat_chunk(&self, choice: ChatChunkChoice, usage: Option<wire::Usage>) -> Event {
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<wire::Usage>) -> Event {
         json_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
             created: self.created,
             model: self.plan.model.name.clone(),
             system_fingerprint: FINGERPRINT,
-            choices: vec![choice],
+            choices,
             usage,
         })
     }
 
-    fn completion_chunk(&self, choice: CompletionChoice, usage: Option<wire::Usage>) -> Event {
+    fn completion_chunk(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<wire::Usage>,
+    ) -> Event {
         json_event(&Completion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.plan.model.name.clone(),
             system_fingerprint: FINGERPRINT,
-            choices: vec![choice],
+            choices,
             usage,
         })
     }
