@@ -2,9 +2,9 @@
 //! the f16 vector kernels attention uses.
 //!
 //! Each block is dotted in integers, then fused-multiply-added into four f32
-//! lanes with the combined scale, as the x86 kernels and ggml's NEON path do.
-//! The integer dot is `sdot` where the CPU has the dotprod extension, and
-//! widening multiplies with pairwise adds otherwise. Both are exact, so the two
+//! lanes with the combined scale, as the x86 kernels do. The integer dot is
+//! `sdot` where the CPU has the dotprod extension, and widening multiplies with
+//! pairwise adds otherwise. Both are exact, so the two
 //! levels give the same bits. Every kernel is generic over the number of tokens
 //! it dots a weight block against; a token's arithmetic does not depend on it, so
 //! a result is the same alone or in a batch.
