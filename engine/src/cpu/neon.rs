@@ -1,13 +1,15 @@
 //! AArch64 NEON kernels: quantized weight rows against Q8 activation blocks, and
 //! the f16 vector kernels attention uses.
 //!
-//! Each block is dotted in integers, then fused-multiply-added into four f32
-//! lanes with the combined scale, as the x86 kernels do. The integer dot is
-//! `sdot` where the CPU has the dotprod extension, and widening multiplies with
-//! pairwise adds otherwise. Both are exact, so the two
-//! levels give the same bits. Every kernel is generic over the number of tokens
-//! it dots a weight block against; a token's arithmetic does not depend on it, so
-//! a result is the same alone or in a batch.
+//! Each block is dotted in integers, then fused-multiply-added with the
+//! combined scale into eight f32 lanes (two registers), laid out and finally
+//! summed exactly as in the x86 kernels, so a result has the same bits on ARM as
+//! on x86: that keeps greedy output on the path the llama.cpp reference took.
+//! The integer dot is `sdot` where the CPU has the dotprod extension, and
+//! widening multiplies with pairwise adds in `sdot`'s lanes otherwise. Both are
+//! exact, so the two levels give the same bits. Every kernel is generic over the
+//! number of tokens it dots a weight block against; a token's arithmetic does not
+//! depend on it, so a result is the same alone or in a batch.
 //!
 //! `sdot` and the f16 widening are written as inline assembly: their intrinsics
 //! (`vdotq_s32`, `vcvt_f32_f16`) are not stable Rust. Both instructions are
@@ -79,41 +81,56 @@ unsafe fn dot_row<const N: usize>(
     }
 }
 
-/// Σ w·y over 32 signed byte pairs (`w0`·`y0` and `w1`·`y1`), as 4 i32 lanes, with
+/// Σ w·y over 16 signed byte pairs, as 4 i32 lanes (lane k: bytes 4k..4k + 4), with
 /// `sdot`.
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
-unsafe fn dot32_dotprod(w0: int8x16_t, w1: int8x16_t, y0: int8x16_t, y1: int8x16_t) -> int32x4_t {
+unsafe fn dot16_dotprod(w: int8x16_t, y: int8x16_t) -> int32x4_t {
     let mut acc = vdupq_n_s32(0);
-    // SAFETY: dotprod is enabled for this function; the instructions touch registers only.
+    // SAFETY: dotprod is enabled for this function; the instruction touches registers only.
     unsafe {
         asm!(
-            "sdot {acc:v}.4s, {w0:v}.16b, {y0:v}.16b",
-            "sdot {acc:v}.4s, {w1:v}.16b, {y1:v}.16b",
+            "sdot {acc:v}.4s, {w:v}.16b, {y:v}.16b",
             acc = inout(vreg) acc,
-            w0 = in(vreg) w0,
-            y0 = in(vreg) y0,
-            w1 = in(vreg) w1,
-            y1 = in(vreg) y1,
+            w = in(vreg) w,
+            y = in(vreg) y,
             options(pure, nomem, nostack, preserves_flags),
         );
     }
     acc
 }
 
-/// Σ w·y over 32 signed byte pairs, as 4 i32 lanes, with widening multiplies: each
-/// product (|w| ≤ 128, |y| ≤ 127) fits an i16. Lane k sums bytes 4k..4k + 4 of both
-/// halves, as `sdot` does, so the lanes (and all later rounding) match the dotprod
-/// kernels exactly.
+/// Σ w·y over 16 signed byte pairs, in `sdot`'s lanes, with widening multiplies: each
+/// product (|w| ≤ 128, |y| ≤ 127) fits an i16, pairs are summed into i32, and pairs
+/// of those into lane k = bytes 4k..4k + 4.
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn dot32_neon(w0: int8x16_t, w1: int8x16_t, y0: int8x16_t, y1: int8x16_t) -> int32x4_t {
-    let quads = |w: int8x16_t, y: int8x16_t| {
-        let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(y)));
-        let hi = vpaddlq_s16(vmull_high_s8(w, y));
-        vpaddq_s32(lo, hi)
-    };
-    vaddq_s32(quads(w0, y0), quads(w1, y1))
+unsafe fn dot16_neon(w: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let lo = vpaddlq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(y)));
+    let hi = vpaddlq_s16(vmull_high_s8(w, y));
+    vpaddq_s32(lo, hi)
+}
+
+/// Eight f32 lanes, as one AVX register of the x86 kernels: lanes 0..4 and 4..8.
+type Lanes8 = [float32x4_t; 2];
+
+/// `acc += s · p`, fused, lane by lane.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn fma8(acc: Lanes8, p: [int32x4_t; 2], s: f32) -> Lanes8 {
+    [
+        vfmaq_n_f32(acc[0], vcvtq_f32_s32(p[0]), s),
+        vfmaq_n_f32(acc[1], vcvtq_f32_s32(p[1]), s),
+    ]
+}
+
+/// The sum of eight lanes in the x86 kernels' order: ((0+4) + (2+6)) + ((1+5) + (3+7)).
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn hsum8(acc: Lanes8) -> f32 {
+    let s = vaddq_f32(acc[0], acc[1]);
+    let s = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    vget_lane_f32::<0>(s) + vget_lane_f32::<1>(s)
 }
 
 /// The f16 at `p` as f32.
@@ -183,76 +200,66 @@ unsafe fn nibbles(p: *const u8) -> (int8x16_t, int8x16_t) {
     (vreinterpretq_s8_u8(lo), vreinterpretq_s8_u8(hi))
 }
 
-/// Horizontal sum of four f32 lanes.
-#[inline]
-#[target_feature(enable = "neon")]
-unsafe fn hsum(v: float32x4_t) -> f32 {
-    vaddvq_f32(v)
-}
-
 /// Defines a Q4_1 kernel (d·a.d·Σ q·y + m·a.s per block) over an integer dot.
 macro_rules! q4_1_kernel {
     ($name:ident, $dot:ident, $features:literal) => {
         #[target_feature(enable = $features)]
         unsafe fn $name<const N: usize>(row: &[u8], acts: [&[ActBlock]; N]) -> [f32; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
+            let zero = vdupq_n_f32(0.0);
+            let mut acc = [[zero; 2]; N];
             let mut mins = [0.0f32; N];
             for (i, b) in row.chunks_exact(20).enumerate() {
                 // SAFETY: each chunk is a whole 20-byte block: d, m, 16 bytes of nibbles.
                 let (d, m, (q0, q1)) = unsafe {
-                    (
-                        f16_at(b.as_ptr()),
-                        f16_at(b.as_ptr().add(2)),
-                        nibbles(b.as_ptr().add(4)),
-                    )
+                    let p = b.as_ptr();
+                    (f16_at(p), f16_at(p.add(2)), nibbles(p.add(4)))
                 };
                 for t in 0..N {
                     let a = &acts[t][i];
                     // SAFETY: same features as this function.
-                    let p = unsafe {
+                    unsafe {
                         let (y0, y1) = act_quants(a);
-                        $dot(q0, q1, y0, y1)
-                    };
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * a.d);
+                        acc[t] = fma8(acc[t], [$dot(q0, y0), $dot(q1, y1)], d * a.d);
+                    }
                     mins[t] = m.mul_add(a.s, mins[t]);
                 }
             }
             let mut out = [0.0f32; N];
             for t in 0..N {
                 // SAFETY: same features as this function.
-                out[t] = unsafe { hsum(acc[t]) } + mins[t];
+                out[t] = unsafe { hsum8(acc[t]) } + mins[t];
             }
             out
         }
     };
 }
 
-/// Defines a Q4_0 kernel (d·a.d·Σ (q − 8)·y per block) over an integer dot.
+/// Defines a Q4_0 kernel (d·a.d·(Σ q·y − 8·a.sum) per block) over an integer dot.
 macro_rules! q4_0_kernel {
     ($name:ident, $dot:ident, $features:literal) => {
         #[target_feature(enable = $features)]
         unsafe fn $name<const N: usize>(row: &[u8], acts: [&[ActBlock]; N]) -> [f32; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
-            let eight = vdupq_n_s8(8);
+            let zero = vdupq_n_f32(0.0);
+            let mut acc = [[zero; 2]; N];
+            let mut offs = [0.0f32; N];
             for (i, b) in row.chunks_exact(18).enumerate() {
                 // SAFETY: each chunk is a whole 18-byte block: d, 16 bytes of nibbles.
                 let (d, (q0, q1)) = unsafe { (f16_at(b.as_ptr()), nibbles(b.as_ptr().add(2))) };
-                // Centred quants in −8..7: Σ (q − 8)·y = Σ q·y − 8·a.sum, exactly.
-                let (q0, q1) = (vsubq_s8(q0, eight), vsubq_s8(q1, eight));
                 for t in 0..N {
                     let a = &acts[t][i];
+                    let s = d * a.d;
                     // SAFETY: same features as this function.
-                    let p = unsafe {
+                    unsafe {
                         let (y0, y1) = act_quants(a);
-                        $dot(q0, q1, y0, y1)
-                    };
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * a.d);
+                        acc[t] = fma8(acc[t], [$dot(q0, y0), $dot(q1, y1)], s);
+                    }
+                    offs[t] -= 8.0 * s * a.sum as f32;
                 }
             }
             let mut out = [0.0f32; N];
             for t in 0..N {
                 // SAFETY: same features as this function.
-                out[t] = unsafe { hsum(acc[t]) };
+                out[t] = unsafe { hsum8(acc[t]) } + offs[t];
             }
             out
         }
@@ -264,7 +271,8 @@ macro_rules! q8_0_kernel {
     ($name:ident, $dot:ident, $features:literal) => {
         #[target_feature(enable = $features)]
         unsafe fn $name<const N: usize>(row: &[u8], acts: [&[ActBlock]; N]) -> [f32; N] {
-            let mut acc = [vdupq_n_f32(0.0); N];
+            let zero = vdupq_n_f32(0.0);
+            let mut acc = [[zero; 2]; N];
             for (i, b) in row.chunks_exact(34).enumerate() {
                 // SAFETY: each chunk is a whole 34-byte block: d, 32 × i8.
                 let (d, w0, w1) = unsafe {
@@ -274,29 +282,28 @@ macro_rules! q8_0_kernel {
                 for t in 0..N {
                     let a = &acts[t][i];
                     // SAFETY: same features as this function.
-                    let p = unsafe {
+                    unsafe {
                         let (y0, y1) = act_quants(a);
-                        $dot(w0, w1, y0, y1)
-                    };
-                    acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * a.d);
+                        acc[t] = fma8(acc[t], [$dot(w0, y0), $dot(w1, y1)], d * a.d);
+                    }
                 }
             }
             let mut out = [0.0f32; N];
             for t in 0..N {
                 // SAFETY: same features as this function.
-                out[t] = unsafe { hsum(acc[t]) };
+                out[t] = unsafe { hsum8(acc[t]) };
             }
             out
         }
     };
 }
 
-q4_1_kernel!(q4_1_neon, dot32_neon, "neon");
-q4_1_kernel!(q4_1_dotprod, dot32_dotprod, "neon,dotprod");
-q4_0_kernel!(q4_0_neon, dot32_neon, "neon");
-q4_0_kernel!(q4_0_dotprod, dot32_dotprod, "neon,dotprod");
-q8_0_kernel!(q8_0_neon, dot32_neon, "neon");
-q8_0_kernel!(q8_0_dotprod, dot32_dotprod, "neon,dotprod");
+q4_1_kernel!(q4_1_neon, dot16_neon, "neon");
+q4_1_kernel!(q4_1_dotprod, dot16_dotprod, "neon,dotprod");
+q4_0_kernel!(q4_0_neon, dot16_neon, "neon");
+q4_0_kernel!(q4_0_dotprod, dot16_dotprod, "neon,dotprod");
+q8_0_kernel!(q8_0_neon, dot16_neon, "neon");
+q8_0_kernel!(q8_0_dotprod, dot16_dotprod, "neon,dotprod");
 
 /// NEON dot of f32 with f16.
 ///
@@ -318,7 +325,7 @@ pub(super) unsafe fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
         i += 8;
     }
     // SAFETY: same features as this function.
-    let mut s = unsafe { hsum(vaddq_f32(acc0, acc1)) };
+    let mut s = unsafe { hsum8([acc0, acc1]) };
     for j in i..n {
         s += a[j] * b[j].to_f32();
     }
