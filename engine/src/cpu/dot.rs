@@ -1,11 +1,13 @@
 //! Dot products of quantized weight rows with quantized activation blocks,
-//! scalar and x86 SIMD, plus the f16 vector kernels attention uses.
+//! scalar and x86 SIMD (AArch64's are in `neon`), plus the x86 f16 vector
+//! kernels attention uses.
 //!
 //! Per 32-element block, with activation scale `a.d` and quant sum `a.sum`:
 //! - Q4_1: d·a.d·Σ q·y + m·a.s
 //! - Q4_0: d·a.d·(Σ q·y − 8·a.sum)
 //! - Q8_0: d·a.d·Σ w·y
 
+#[cfg(target_arch = "x86_64")]
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
@@ -69,6 +71,12 @@ pub(super) fn dot_q_tokens(
                 }
             };
         }
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level >= Simd::Neon {
+        // SAFETY: the level was detected at run time (NEON; and dotprod for NeonDot).
+        unsafe { super::neon::dot_q_tokens(level == Simd::NeonDot, ty, row, acts, bpr, ys) };
         return;
     }
     let _ = level;

@@ -5,14 +5,17 @@
 //! activations once into 32-element Q8 blocks (`ActBlock`: scale, sum of the
 //! quants, 32 × i8), and then dots each quantized weight row against them
 //! with integer SIMD, as ggml does, which also keeps the numerics close to
-//! llama.cpp's. The SIMD level is detected at run time; `TANDEM_SIMD=scalar`
-//! (or `avx2`) forces a lower one. Several tokens at once take the AVX-512
+//! llama.cpp's. The SIMD level is detected at run time (AVX-512 VNNI or AVX2 on
+//! x86, NEON with or without dotprod on AArch64); `TANDEM_SIMD=scalar` (or
+//! `avx2`, or `neon`) forces a lower one. Several tokens at once take the AVX-512
 //! token-pair kernels of `avx512`, which give every token the same bits as the
 //! one-token kernels.
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod dot;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod quant;
 
 use std::sync::OnceLock;
@@ -90,6 +93,10 @@ pub(crate) enum Simd {
     Scalar,
     Avx2,
     Avx512Vnni,
+    /// AArch64 Advanced SIMD without the dotprod extension.
+    Neon,
+    /// AArch64 Advanced SIMD with `sdot`.
+    NeonDot,
 }
 
 pub(crate) fn simd() -> Simd {
@@ -98,7 +105,9 @@ pub(crate) fn simd() -> Simd {
         let detected = detect();
         match std::env::var("TANDEM_SIMD").as_deref() {
             Ok("scalar") => Simd::Scalar,
-            Ok("avx2") => detected.min(Simd::Avx2),
+            // A lower level is granted only on its own architecture.
+            Ok("avx2") if detected == Simd::Avx512Vnni => Simd::Avx2,
+            Ok("neon") if detected == Simd::NeonDot => Simd::Neon,
             _ => detected,
         }
     })
@@ -123,6 +132,15 @@ fn detect() -> Simd {
             return Simd::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                return Simd::NeonDot;
+            }
+            return Simd::Neon;
+        }
+    }
     Simd::Scalar
 }
 
@@ -132,6 +150,8 @@ pub fn simd_level() -> &'static str {
         Simd::Scalar => "scalar",
         Simd::Avx2 => "avx2",
         Simd::Avx512Vnni => "avx512-vnni",
+        Simd::Neon => "neon",
+        Simd::NeonDot => "neon-dotprod",
     }
 }
 
@@ -341,6 +361,11 @@ pub fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
         // SAFETY: AVX2, FMA and F16C were detected at run time.
         return unsafe { dot::dot_f32_f16_avx2(a, b) };
     }
+    #[cfg(target_arch = "aarch64")]
+    if simd() >= Simd::Neon {
+        // SAFETY: NEON was detected at run time.
+        return unsafe { neon::dot_f32_f16(a, b) };
+    }
     a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum()
 }
 
@@ -350,6 +375,12 @@ pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
     if simd() >= Simd::Avx2 {
         // SAFETY: AVX2, FMA and F16C were detected at run time.
         unsafe { dot::axpy_f16_avx2(y, a, x) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if simd() >= Simd::Neon {
+        // SAFETY: NEON was detected at run time.
+        unsafe { neon::axpy_f16(y, a, x) };
         return;
     }
     for (o, &v) in y.iter_mut().zip(x) {

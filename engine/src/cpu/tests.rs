@@ -51,11 +51,14 @@ fn random_row(rng: &mut Rng, ty: GgmlType, blocks: usize) -> Vec<u8> {
     out
 }
 
+/// The levels this CPU can run: scalar and its own architecture's detected ones.
 fn levels() -> Vec<Simd> {
-    [Simd::Scalar, Simd::Avx2, Simd::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| l <= detect())
-        .collect()
+    let own = if cfg!(target_arch = "aarch64") {
+        [Simd::Scalar, Simd::Neon, Simd::NeonDot]
+    } else {
+        [Simd::Scalar, Simd::Avx2, Simd::Avx512Vnni]
+    };
+    own.into_iter().filter(|&l| l <= detect()).collect()
 }
 
 /// f64 reference of a weight row against f32 activations.
@@ -194,6 +197,40 @@ fn token_pair_kernels_equal_one_token_kernels() {
                 check(0, &avx512::dot_row::<4>(ty, &row, &pairs, 0));
                 for first in 4..7 {
                     check(first, &avx512::dot_row::<1>(ty, &row, &pairs, first));
+                }
+            }
+        }
+    }
+}
+
+/// NEON is part of every AArch64 CPU; its plain and dotprod kernels give the same
+/// bits (both integer dots are exact), and a token gets the same bits alone or among
+/// four.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_levels_agree_bit_for_bit() {
+    assert!(detect() >= Simd::Neon, "detected {:?}", detect());
+    let mut rng = Rng(0xa64_d07);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for blocks in [1, 5, 48] {
+            let row = random_row(&mut rng, ty, blocks);
+            let n = 6;
+            let xs: Vec<f32> = (0..n * blocks * 32).map(|_| rng.f32() * 3.0).collect();
+            let acts = quantize_acts(&xs, n, blocks * 32);
+            let alone: Vec<f32> = (0..n)
+                .map(|t| dot::dot_q(Simd::Neon, ty, &row, &acts[t * blocks..(t + 1) * blocks]))
+                .collect();
+            for level in levels().into_iter().filter(|&l| l >= Simd::Neon) {
+                let mut ys = vec![0.0f32; n];
+                dot_q_tokens(level, ty, &row, &acts, blocks, &mut ys);
+                for t in 0..n {
+                    assert_eq!(
+                        ys[t].to_bits(),
+                        alone[t].to_bits(),
+                        "{ty:?} {blocks} {level:?} token {t}: {} vs {}",
+                        ys[t],
+                        alone[t]
+                    );
                 }
             }
         }
