@@ -2,8 +2,8 @@
 //! argument parsing and dispatch.
 
 pub mod bench;
-pub mod bench_transfer;
 pub mod bench_router;
+pub mod bench_transfer;
 pub mod generate;
 pub mod model_pull;
 pub mod sim;

@@ -13,6 +13,21 @@
 use crate::kv_cache::{BlockId, KvLayout, KvPool};
 use crate::model::{BatchSeq, Model, ModelConfig, Scratch};
 
+/// Reads KV pieces in the middle of a step.
+pub trait KvRead {
+    /// Appends the bytes of one block-layer piece to `out`.
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>);
+}
+
+impl KvRead for KvPool {
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.piece_bytes(block, layer));
+    }
+}
+
+/// Called by [`Backend::forward`] with each layer whose K/V are final.
+pub type LayerHook<'a> = &'a mut dyn FnMut(usize, &dyn KvRead);
+
 /// A device that runs the model over paged KV blocks.
 pub trait Backend: Send {
     /// A short name for logs and benchmarks (`cpu`, `cuda:0`).
@@ -27,7 +42,11 @@ pub trait Backend: Send {
     /// Runs one step: every sequence's chunk of tokens at its positions, K/V of
     /// the new tokens written into its blocks, attention over its earlier ones.
     /// Returns `vocab_size` logits for each sequence that wants them, in batch order.
-    fn forward(&mut self, batch: &[BatchSeq<'_>]) -> Vec<f32>;
+    ///
+    /// `on_layer(l, kv)` is called as soon as layer `l`'s K/V of this step are
+    /// final, while later layers still compute: a KV stream copies pieces out
+    /// through `kv` there, so a transfer overlaps the prefill.
+    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32>;
 
     /// Appends the bytes of one block-layer piece to `out`.
     fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>);
@@ -71,8 +90,11 @@ impl Backend for CpuBackend {
         self.layout
     }
 
-    fn forward(&mut self, batch: &[BatchSeq<'_>]) -> Vec<f32> {
-        self.model.forward(&mut self.pool, batch, &mut self.scratch)
+    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32> {
+        self.model
+            .forward(&mut self.pool, batch, &mut self.scratch, &mut |l, pool| {
+                on_layer(l, pool)
+            })
     }
 
     fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc};
 
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::{Backend, CpuBackend, KvRead};
 use crate::chat_template::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvLayout};
@@ -156,9 +156,11 @@ pub struct Request {
 /// Where an engine streams a prompt's KV while prefilling it (the sending side
 /// of a KV transfer).
 ///
-/// After each step, the blocks of the prompt that became complete (every
-/// layer computed for every slot the prompt fills) are copied out as one
-/// [`KvChunk`]; the last, partial block goes out when the prefill ends. The
+/// In each step, the blocks of the prompt that the step completes (every slot
+/// the prompt fills computed) are copied out layer by layer, one [`KvChunk`] per
+/// layer as soon as that layer's K/V are final, so the transfer overlaps the rest
+/// of the step; the last, partial block goes out with the step that ends the
+/// prefill. The
 /// channel closes when the sequence ends, so a receiver that saw fewer blocks
 /// than the prompt has knows the prefill was cut short. What the channel can
 /// hold is bounded by the prompt's own KV: each block is sent once.
@@ -169,14 +171,15 @@ pub struct KvStream {
     pub tx: tmpsc::UnboundedSender<KvChunk>,
 }
 
-/// Consecutive blocks of a prompt's KV, one buffer per layer.
+/// One layer of consecutive blocks of a prompt's KV.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvChunk {
     /// Index of the first block in the sequence (block `i` holds tokens `i * block_size ..`).
     pub first_block: usize,
     pub n_blocks: usize,
-    /// `layers[l]` holds the `n_blocks` pieces of layer `l`, each `piece_bytes` long, in block order.
-    pub layers: Vec<Vec<u8>>,
+    pub layer: usize,
+    /// The `n_blocks` pieces of the layer, each `piece_bytes` long, in block order.
+    pub data: Vec<u8>,
 }
 
 /// Blocks reserved in an engine's pool for KV computed elsewhere (the receiving
@@ -1182,7 +1185,29 @@ impl Core {
                 }
             })
             .collect();
-        let logits = self.backend.forward(&batch);
+        let bs = self.shared.layout.block_size;
+        let pending: Vec<PendingKv> = plan
+            .iter()
+            .filter_map(|&(i, take)| pending_kv(&self.running[i], take, bs))
+            .collect();
+        let piece_bytes = self.shared.layout.piece_bytes();
+        let mut send_layer = |layer: usize, kv: &dyn KvRead| {
+            for p in &pending {
+                let mut data = Vec::with_capacity(p.blocks.len() * piece_bytes);
+                for &b in &p.blocks {
+                    kv.read_kv_piece(b, layer, &mut data);
+                }
+                // A receiver that hung up has given up on the transfer; the
+                // sequence goes on.
+                let _ = p.tx.send(KvChunk {
+                    first_block: p.first,
+                    n_blocks: p.blocks.len(),
+                    layer,
+                    data,
+                });
+            }
+        };
+        let logits = self.backend.forward(&batch, &mut send_layer);
         drop(batch);
         self.steps += 1;
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
@@ -1196,7 +1221,14 @@ impl Core {
             let seq = &mut self.running[i];
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
-            stream_kv(self.backend.as_ref(), seq);
+            if let Some(stream) = &seq.request.kv_stream {
+                let ready = if seq.computed >= seq.prompt_len {
+                    seq.prompt_len.div_ceil(bs)
+                } else {
+                    seq.computed / bs
+                };
+                seq.kv_streamed = seq.kv_streamed.max(ready).max(stream.skip_blocks);
+            }
             if seq.computed == seq.tokens.len() {
                 sampling[i] = Some(row);
                 row += 1;
@@ -1277,38 +1309,30 @@ impl Core {
     }
 }
 
-/// Sends the prompt blocks of `seq` completed since the last call on its `kv_stream`.
-fn stream_kv(backend: &dyn Backend, seq: &mut Sequence) {
-    let Some(stream) = &seq.request.kv_stream else {
-        return;
-    };
-    let layout = backend.kv_layout();
-    let bs = layout.block_size;
-    let ready = if seq.computed >= seq.prompt_len {
-        seq.prompt_len.div_ceil(bs)
+/// Prompt blocks a step completes for a sequence with a KV stream, to send
+/// layer by layer during the step.
+struct PendingKv {
+    tx: tmpsc::UnboundedSender<KvChunk>,
+    first: usize,
+    blocks: Vec<BlockId>,
+}
+
+/// The blocks of `seq` that computing `take` more tokens completes and its
+/// stream has not had yet; the last, partial block counts once the prompt is done.
+fn pending_kv(seq: &Sequence, take: usize, block_size: usize) -> Option<PendingKv> {
+    let stream = seq.request.kv_stream.as_ref()?;
+    let computed = seq.computed + take;
+    let ready = if computed >= seq.prompt_len {
+        seq.prompt_len.div_ceil(block_size)
     } else {
-        seq.computed / bs
+        computed / block_size
     };
     let first = seq.kv_streamed.max(stream.skip_blocks);
-    if ready > first {
-        let blocks = &seq.blocks[first..ready];
-        let layers = (0..layout.n_layers)
-            .map(|l| {
-                let mut buf = Vec::with_capacity(blocks.len() * layout.piece_bytes());
-                for &b in blocks {
-                    backend.read_kv_piece(b, l, &mut buf);
-                }
-                buf
-            })
-            .collect();
-        // A receiver that hung up has given up on the transfer; the sequence goes on.
-        let _ = stream.tx.send(KvChunk {
-            first_block: first,
-            n_blocks: ready - first,
-            layers,
-        });
-    }
-    seq.kv_streamed = seq.kv_streamed.max(ready);
+    (ready > first).then(|| PendingKv {
+        tx: stream.tx.clone(),
+        first,
+        blocks: seq.blocks[first..ready].to_vec(),
+    })
 }
 
 /// Registers every newly full, computed block of `seq` under its chained hash.

@@ -355,8 +355,15 @@ impl Model {
     /// logits (`vocab_size` each) of every sequence with `want_logits`, in order.
     ///
     /// The caller guarantees each block table covers the chunk's positions and
-    /// that no two sequences write the same block.
-    pub fn forward(&self, cache: &mut KvPool, batch: &[BatchSeq<'_>], s: &mut Scratch) -> Vec<f32> {
+    /// that no two sequences write the same block. `on_layer(l, cache)` runs once
+    /// layer `l`'s K/V of this step are written.
+    pub fn forward(
+        &self,
+        cache: &mut KvPool,
+        batch: &[BatchSeq<'_>],
+        s: &mut Scratch,
+        on_layer: &mut dyn FnMut(usize, &KvPool),
+    ) -> Vec<f32> {
         let c = &self.config;
         let (d, hd) = (c.d_model, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
@@ -422,6 +429,9 @@ impl Model {
                 );
             }
             self.attention(cache, l, batch, &s.token_pos, &s.q, &mut s.attn);
+            // Layer l's K/V are final: whoever streams them can take them now,
+            // while the rest of the step computes.
+            on_layer(l, cache);
             cpu::matmul(&self.mat(&layer.wo), &s.attn, n, &mut s.proj);
             add_assign(&mut s.x, &s.proj);
 

@@ -393,17 +393,19 @@ fn streamed_kv_into_reserved_blocks_decodes_identically() {
     }
     let layout = a.kv_layout();
     let n_blocks = prompt.len().div_ceil(layout.block_size);
-    assert!(chunks.len() > 1, "a chunked prefill streams as it goes");
+    assert!(
+        chunks.len() > layout.n_layers,
+        "a chunked prefill streams as it goes"
+    );
+    // Per step, every layer of the step's new blocks, in layer order.
     let mut next = 2;
-    for c in &chunks {
-        assert_eq!(c.first_block, next, "blocks stream in order, once");
-        assert_eq!(c.layers.len(), layout.n_layers);
-        assert!(
-            c.layers
-                .iter()
-                .all(|l| l.len() == c.n_blocks * layout.piece_bytes())
-        );
-        next += c.n_blocks;
+    for step in chunks.chunks(layout.n_layers) {
+        for (l, c) in step.iter().enumerate() {
+            assert_eq!(c.first_block, next, "blocks stream in order, once");
+            assert_eq!((c.layer, c.n_blocks), (l, step[0].n_blocks));
+            assert_eq!(c.data.len(), c.n_blocks * layout.piece_bytes());
+        }
+        next += step[0].n_blocks;
     }
     assert_eq!(next, n_blocks);
 
@@ -420,12 +422,10 @@ fn streamed_kv_into_reserved_blocks_decodes_identically() {
 
     let write_all = |res: &KvReservation, skip_last_layer: bool| {
         for c in &chunks {
-            for (l, data) in c.layers.iter().enumerate() {
-                if skip_last_layer && l + 1 == layout.n_layers {
-                    continue;
-                }
-                block_on(res.write(l, c.first_block, data.clone())).expect("write");
+            if skip_last_layer && c.layer + 1 == layout.n_layers {
+                continue;
             }
+            block_on(res.write(c.layer, c.first_block, c.data.clone())).expect("write");
         }
     };
     let cont = [prompt.clone(), vec![whole[0]]].concat();

@@ -269,15 +269,13 @@ pub async fn send_kv_stream<W: TransferWriter>(
         let Some(chunk) = chunks.recv().await else {
             break;
         };
-        for (layer, data) in chunk.layers.into_iter().enumerate() {
-            writer
-                .send(PieceBatch {
-                    layer: layer as u32,
-                    first_block: chunk.first_block as u32,
-                    data,
-                })
-                .await?;
-        }
+        writer
+            .send(PieceBatch {
+                layer: chunk.layer as u32,
+                first_block: chunk.first_block as u32,
+                data: chunk.data,
+            })
+            .await?;
     }
     let p = writer.progress();
     if p.pieces_sent < p.pieces_total {
