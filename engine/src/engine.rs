@@ -1032,9 +1032,7 @@ impl Core {
     }
 
     fn release_blocks(&mut self, blocks: &[BlockId]) {
-        for &b in blocks {
-            self.cache.release(b);
-        }
+        self.cache.release_all(blocks);
     }
 
     /// Moves waiting sequences into the running set while blocks allow.

@@ -252,6 +252,16 @@ impl KvCache {
         }
     }
 
+    /// Releases a sequence's blocks, last first: of its cached blocks the tail
+    /// becomes the least recently used, so eviction trims a prefix chain from its
+    /// end and never strands a suffix whose parent is gone (a block is only found
+    /// through the blocks before it).
+    pub fn release_all(&mut self, blocks: &[BlockId]) {
+        for &b in blocks.iter().rev() {
+            self.release(b);
+        }
+    }
+
     /// The hash a block is registered under, if any.
     pub fn hash_of(&self, block: BlockId) -> Option<BlockHash> {
         self.meta.get(block as usize).and_then(|m| m.hash)
@@ -488,6 +498,18 @@ mod tests {
         let bytes = pool.piece_bytes(b, 1).to_vec();
         pool.piece_bytes_mut(other, 1).copy_from_slice(&bytes);
         assert_eq!(pool.values(other, 1), pool.values(b, 1));
+    }
+
+    #[test]
+    fn eviction_trims_a_released_chain_from_its_tail() {
+        let mut c = cache(3);
+        let tokens: Vec<u32> = (1..=12).collect();
+        let (blocks, hashes) = fill(&mut c, &tokens);
+        c.release_all(&blocks);
+        assert_eq!(c.num_free(), 3, "released blocks stay cached, evictable");
+        // One more block is needed: the chain's last block goes, the rest stays usable.
+        let _ = c.allocate().expect("block");
+        assert_eq!(c.cached_prefix_len(&hashes), hashes.len() - 1);
     }
 
     #[test]

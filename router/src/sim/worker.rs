@@ -237,9 +237,7 @@ impl SimWorker {
         done.sort_unstable_by(|a, b| b.cmp(a));
         for i in done {
             let seq = self.running.remove(i);
-            for &b in &seq.blocks {
-                self.cache.release(b);
-            }
+            self.cache.release_all(&seq.blocks);
             out.finished.push(Finished {
                 id: seq.id,
                 cached_tokens: seq.cached_tokens,
@@ -288,9 +286,7 @@ impl SimWorker {
                 .acquire_prefix(&hashes[..reusable.min(hashes.len())]);
             let needed = (seq.len + 1).div_ceil(bs) - blocks.len();
             if self.cache.num_free() < needed {
-                for &b in &blocks {
-                    self.cache.release(b);
-                }
+                self.cache.release_all(&blocks);
                 self.waiting.push_front(seq);
                 break;
             }
@@ -311,9 +307,7 @@ impl SimWorker {
         let Some(mut seq) = self.running.pop() else {
             return false;
         };
-        for &b in &seq.blocks {
-            self.cache.release(b);
-        }
+        self.cache.release_all(&seq.blocks);
         seq.blocks.clear();
         seq.hashes.clear();
         seq.computed = 0;
