@@ -43,22 +43,29 @@ impl BlockHasher {
 
     /// The hash of one full block given its parent's hash (`None` for the first block).
     pub fn hash_block(&self, parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
-        debug_assert_eq!(tokens.len(), self.block_size, "only full blocks are hashed");
         let mut buf = Vec::with_capacity(8 + 4 * tokens.len());
+        self.hash_with(parent, tokens, &mut buf)
+    }
+
+    /// `hash_block` with the caller's scratch buffer (one allocation per prompt).
+    fn hash_with(&self, parent: Option<BlockHash>, tokens: &[u32], buf: &mut Vec<u8>) -> BlockHash {
+        debug_assert_eq!(tokens.len(), self.block_size, "only full blocks are hashed");
+        buf.clear();
         buf.extend_from_slice(&parent.map_or(0, |p| p.0).to_le_bytes());
         for t in tokens {
             buf.extend_from_slice(&t.to_le_bytes());
         }
-        BlockHash(xxh3_64_with_seed(&buf, self.seed))
+        BlockHash(xxh3_64_with_seed(buf, self.seed))
     }
 
     /// The hashes of every full block of `tokens`, in order; a trailing partial block is skipped.
     pub fn hash_prefix(&self, tokens: &[u32]) -> Vec<BlockHash> {
         let mut parent = None;
+        let mut buf = Vec::with_capacity(8 + 4 * self.block_size);
         tokens
             .chunks_exact(self.block_size)
             .map(|block| {
-                let h = self.hash_block(parent, block);
+                let h = self.hash_with(parent, block, &mut buf);
                 parent = Some(h);
                 h
             })
@@ -79,6 +86,16 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_ne!(a, b);
         assert_eq!(BlockHasher::new("model-a", 8).hash_prefix(&tokens).len(), 4);
+    }
+
+    #[test]
+    fn prefix_hashes_chain_block_hashes() {
+        let h = BlockHasher::new("m", 4);
+        let tokens: Vec<u32> = (0..12).collect();
+        let first = h.hash_block(None, &tokens[..4]);
+        let second = h.hash_block(Some(first), &tokens[4..8]);
+        let third = h.hash_block(Some(second), &tokens[8..]);
+        assert_eq!(h.hash_prefix(&tokens), [first, second, third]);
     }
 
     #[test]
