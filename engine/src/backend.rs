@@ -98,7 +98,7 @@ impl Backend for CpuBackend {
     }
 
     fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.pool.piece_bytes(block, layer));
+        KvRead::read_kv_piece(&self.pool, block, layer, out);
     }
 
     fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {

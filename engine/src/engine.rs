@@ -569,9 +569,7 @@ impl Engine {
     /// Checks a request and queues it; the stream yields its tokens then `Finished`.
     pub fn submit(&self, request: Request) -> Result<RequestHandle, EngineError> {
         self.check_request(&request)?;
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_id();
         let (tx, rx) = tmpsc::unbounded_channel();
         self.commands
             .send(Command::Submit(id, Box::new(request), tx))
@@ -587,19 +585,8 @@ impl Engine {
     /// it through `spawn_blocking`, as it does `export_kv`.
     pub fn reserve_kv(&self, tokens: Vec<u32>) -> Result<KvReservation, EngineError> {
         let s = &self.shared;
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if tokens.len() >= s.config.context_length {
-            return Err(EngineError::PromptTooLong {
-                tokens: tokens.len(),
-                limit: s.config.context_length - 1,
-                what: "model context length",
-            });
-        }
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.check_prompt_len(tokens.len())?;
+        let id = self.next_id();
         let (tx, rx) = mpsc::channel();
         self.commands
             .send(Command::Reserve(id, tokens.clone(), tx))
@@ -637,9 +624,7 @@ impl Engine {
                     .into(),
             ));
         }
-        let id = self
-            .next_id
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next_id();
         let (out, events) = tmpsc::unbounded_channel();
         let (tx, rx) = mpsc::channel();
         // From here the engine thread owns the blocks, whatever the outcome.
@@ -655,19 +640,31 @@ impl Engine {
         Ok(RequestHandle { id, events })
     }
 
-    fn check_request(&self, request: &Request) -> Result<(), EngineError> {
-        let s = &self.shared;
-        let n = request.prompt.len();
+    fn next_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A prompt (or reserved prefix) must hold a token and leave room for one more.
+    fn check_prompt_len(&self, n: usize) -> Result<(), EngineError> {
+        let limit = self.shared.config.context_length;
         if n == 0 {
             return Err(EngineError::EmptyPrompt);
         }
-        if n >= s.config.context_length {
+        if n >= limit {
             return Err(EngineError::PromptTooLong {
                 tokens: n,
-                limit: s.config.context_length - 1,
+                limit: limit - 1,
                 what: "model context length",
             });
         }
+        Ok(())
+    }
+
+    fn check_request(&self, request: &Request) -> Result<(), EngineError> {
+        let s = &self.shared;
+        let n = request.prompt.len();
+        self.check_prompt_len(n)?;
         let cache_tokens = s.num_blocks * s.layout.block_size;
         if n >= cache_tokens {
             return Err(EngineError::PromptTooLong {
@@ -1220,11 +1217,7 @@ impl Core {
             seq.computed += take;
             register_full_blocks(&mut self.cache, seq);
             if let Some(stream) = &seq.request.kv_stream {
-                let ready = if seq.computed >= seq.prompt_len {
-                    seq.prompt_len.div_ceil(bs)
-                } else {
-                    seq.computed / bs
-                };
+                let ready = streamable_blocks(seq.computed, seq.prompt_len, bs);
                 seq.kv_streamed = seq.kv_streamed.max(ready).max(stream.skip_blocks);
             }
             if seq.computed == seq.tokens.len() {
@@ -1307,6 +1300,16 @@ impl Core {
     }
 }
 
+/// Prompt blocks complete once `computed` tokens are: the full ones, and the
+/// last, partial one when the whole prompt is.
+fn streamable_blocks(computed: usize, prompt_len: usize, block_size: usize) -> usize {
+    if computed >= prompt_len {
+        prompt_len.div_ceil(block_size)
+    } else {
+        computed / block_size
+    }
+}
+
 /// Prompt blocks a step completes for a sequence with a KV stream, to send
 /// layer by layer during the step.
 struct PendingKv {
@@ -1319,12 +1322,7 @@ struct PendingKv {
 /// stream has not had yet; the last, partial block counts once the prompt is done.
 fn pending_kv(seq: &Sequence, take: usize, block_size: usize) -> Option<PendingKv> {
     let stream = seq.request.kv_stream.as_ref()?;
-    let computed = seq.computed + take;
-    let ready = if computed >= seq.prompt_len {
-        seq.prompt_len.div_ceil(block_size)
-    } else {
-        computed / block_size
-    };
+    let ready = streamable_blocks(seq.computed + take, seq.prompt_len, block_size);
     let first = seq.kv_streamed.max(stream.skip_blocks);
     (ready > first).then(|| PendingKv {
         tx: stream.tx.clone(),

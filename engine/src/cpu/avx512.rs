@@ -46,74 +46,88 @@ impl TokenPairActs {
         debug_assert_eq!(cols % 32, 0);
         let blocks = cols / 32;
         let pairs = n.div_ceil(2);
+        let groups = pairs.div_ceil(4);
         let q4_1 = ty == GgmlType::Q4_1;
-        let mut qs = vec![0i8; pairs * blocks * 64];
-        let mut scale = vec![0.0f32; pairs * blocks * 16];
-        // Per pair: Q4_1's block sums (2 × blocks), or the integer dot's start
-        // (blocks × 16 lanes).
-        let extra_len = if q4_1 { 2 * blocks } else { blocks * 16 };
-        let mut extra = vec![0u32; pairs * extra_len];
+        let mut acts = Self {
+            blocks,
+            qs: vec![0; pairs * blocks * 64],
+            scale: vec![0.0; pairs * blocks * 16],
+            bias: if q4_1 {
+                Vec::new()
+            } else {
+                vec![0; pairs * blocks * 16]
+            },
+            mins: if q4_1 {
+                vec![0.0; groups * blocks * 8]
+            } else {
+                Vec::new()
+            },
+        };
         let offset = if ty == GgmlType::Q4_0 { -8 } else { -128 };
-        let one = |((j, qs), (scale, extra)): PairSlices<'_>| {
-            for half in 0..2 {
-                let t = 2 * j + half;
+        // One group of eight tokens (four pairs) at a time: every buffer's share of
+        // a group is contiguous.
+        let one = |(g, ((qs, scale), mut extra)): GroupSlices<'_>| {
+            for k in 0..8 {
+                let t = 8 * g + k;
                 if t >= n {
                     break;
                 }
+                let (pair, half) = (k / 2, k % 2);
                 let row = &x[t * cols..(t + 1) * cols];
                 for (b, block) in row.chunks_exact(32).enumerate() {
                     let a = quantize_block(block);
-                    let at = b * 64 + half * 32;
+                    let at = (pair * blocks + b) * 64 + half * 32;
                     qs[at..at + 32].copy_from_slice(&a.qs);
-                    let lanes = b * 16 + half * 8;
+                    let lanes = (pair * blocks + b) * 16 + half * 8;
                     scale[lanes..lanes + 8].fill(a.d);
-                    if q4_1 {
-                        extra[half * blocks + b] = a.s.to_bits();
-                    } else {
-                        for (lane, four) in a.qs.chunks_exact(4).enumerate() {
-                            let sum: i32 = four.iter().map(|&q| q as i32).sum();
-                            extra[lanes + lane] = (offset * sum) as u32;
+                    match &mut extra {
+                        GroupExtra::Mins(mins) => mins[b * 8 + k] = a.s,
+                        GroupExtra::Bias(bias) => {
+                            for (lane, four) in a.qs.chunks_exact(4).enumerate() {
+                                let sum: i32 = four.iter().map(|&q| q as i32).sum();
+                                bias[lanes + lane] = offset * sum;
+                            }
                         }
                     }
                 }
             }
         };
-        let work = qs.chunks_exact_mut(blocks * 64).enumerate().zip(
-            scale
-                .chunks_exact_mut(blocks * 16)
-                .zip(extra.chunks_exact_mut(extra_len)),
-        );
+        let extras: Vec<GroupExtra<'_>> = if q4_1 {
+            acts.mins
+                .chunks_mut(blocks * 8)
+                .map(GroupExtra::Mins)
+                .collect()
+        } else {
+            acts.bias
+                .chunks_mut(4 * blocks * 16)
+                .map(GroupExtra::Bias)
+                .collect()
+        };
+        let work = acts
+            .qs
+            .chunks_mut(4 * blocks * 64)
+            .zip(acts.scale.chunks_mut(4 * blocks * 16))
+            .zip(extras)
+            .enumerate();
         if n >= 16 {
             use rayon::prelude::*;
             work.collect::<Vec<_>>().into_par_iter().for_each(one);
         } else {
             work.for_each(one);
         }
-        let (bias, mins) = if q4_1 {
-            // Regroup the block sums eight tokens to a vector: [group][block][token].
-            let mut mins = vec![0.0f32; pairs.div_ceil(4) * blocks * 8];
-            for t in 0..n {
-                for b in 0..blocks {
-                    let v = f32::from_bits(extra[(t / 2) * extra_len + (t % 2) * blocks + b]);
-                    mins[(t / 8) * blocks * 8 + b * 8 + t % 8] = v;
-                }
-            }
-            (Vec::new(), mins)
-        } else {
-            (extra.into_iter().map(|v| v as i32).collect(), Vec::new())
-        };
-        Self {
-            blocks,
-            qs,
-            scale,
-            bias,
-            mins,
-        }
+        acts
     }
 }
 
-/// One token pair's slices of the buffers being filled: (index, quants), (scales, extras).
-type PairSlices<'a> = ((usize, &'a mut [i8]), (&'a mut [f32], &'a mut [u32]));
+/// One group of eight tokens' share of the buffers being filled:
+/// (group, ((quants, scales), Q4_1's block sums or the integer dots' start)).
+type GroupSlices<'a> = (usize, ((&'a mut [i8], &'a mut [f32]), GroupExtra<'a>));
+
+/// A group's share of the per-type buffer.
+enum GroupExtra<'a> {
+    Mins(&'a mut [f32]),
+    Bias(&'a mut [i32]),
+}
 
 /// Whether the pair kernels take a matrix of this type.
 pub(super) fn supports(ty: GgmlType) -> bool {
