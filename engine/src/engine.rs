@@ -445,6 +445,7 @@ enum Command {
     WriteKv(Box<KvWrite>),
     SubmitReserved(u64, Submission, mpsc::Sender<Result<(), EngineError>>),
     AbortReservation(u64),
+    Snapshot(mpsc::Sender<(u64, Vec<BlockHash>)>),
     Shutdown,
 }
 
@@ -718,6 +719,17 @@ impl Engine {
         *self.load.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Every block hash cached now, with the sequence number of the first KV
+    /// event not reflected in it: what a router rebuilds its view of this
+    /// engine from after missing events. Blocks the caller for at most one step.
+    pub fn kv_snapshot(&self) -> Result<(u64, Vec<BlockHash>), EngineError> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .send(Command::Snapshot(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+
     /// KV cache events (blocks stored and removed), numbered per engine.
     /// A subscriber that lags sees a gap in `seq` and should resync.
     pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
@@ -929,6 +941,12 @@ impl Core {
                 if let Some(r) = self.retained.remove(&id) {
                     self.release_blocks(&r.blocks);
                 }
+            }
+            Command::Snapshot(reply) => {
+                // Events not yet published precede the snapshot: send them first,
+                // so `next_seq` is exactly where a subscriber picks up.
+                self.publish();
+                let _ = reply.send((self.cache.next_seq(), self.cache.cached_hashes()));
             }
             Command::Shutdown => return false,
         }

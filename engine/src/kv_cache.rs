@@ -292,6 +292,11 @@ impl KvCache {
         }
     }
 
+    /// The sequence number the next event will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Drains pending events.
     pub fn take_events(&mut self) -> Vec<KvEvent> {
         std::mem::take(&mut self.events)

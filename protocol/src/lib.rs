@@ -6,6 +6,7 @@
 //! this crate is the one definition both sides use.
 
 mod block_hash;
+mod cluster;
 mod kv_event;
 
 /// gRPC services shared by the cluster's processes.
@@ -16,7 +17,18 @@ pub mod grpc {
         #![allow(missing_docs, clippy::all)]
         tonic::include_proto!("tandem.store.v1");
     }
+
+    /// The worker service (`proto/worker.proto`): generate, prefill, KV events, load.
+    pub mod worker {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("tandem.worker.v1");
+    }
+
+    #[path = "convert.rs"]
+    mod convert;
+    pub use convert::{raw, typed};
 }
 
 pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
+pub use cluster::{InstanceInfo, ModelCard, Role, WorkerState, keys};
 pub use kv_event::{KvEvent, KvEventKind};
