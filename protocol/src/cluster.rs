@@ -100,6 +100,9 @@ pub struct ModelCard {
     /// Where the GGUF file is (tokenizer and chat template are read from it).
     pub source: String,
     pub block_size: u32,
+    /// The salt the engine's block hashes use (the model's own name in its
+    /// GGUF), so a router hashes prompts exactly as the workers do.
+    pub hash_salt: String,
     pub context_length: u32,
     /// Bytes of one block's KV over every layer.
     pub kv_block_bytes: u64,
