@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod bench_router;
+pub mod bench_serve;
 pub mod bench_transfer;
 pub mod generate;
 pub mod model_pull;
 pub mod sim;
+pub mod up;

@@ -35,6 +35,14 @@ enum Command {
         /// The text to tokenize.
         text: String,
     },
+    /// Start a local cluster: control-plane store, router, prefill and decode workers.
+    Up(UpArgs),
+    /// Serve the embedded control-plane store over gRPC (what `tandem up` hosts).
+    Control {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        listen: std::net::SocketAddr,
+    },
     /// Replay a request trace through the router against simulated workers.
     Sim(tandem::sim::SimArgs),
     /// Measure performance.
@@ -85,6 +93,44 @@ enum BenchCommand {
     },
     /// Router speed: decision time, KV event ingestion, index memory.
     Router(tandem::bench_router::RouterBenchArgs),
+    /// Load an OpenAI-compatible endpoint: TTFT, ITL, end-to-end latency, throughput.
+    Serve(tandem::bench_serve::ServeBenchArgs),
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The OpenAI API port.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The API's address (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Prefill workers.
+    #[arg(long, default_value_t = 1)]
+    prefill: usize,
+    /// Decode workers.
+    #[arg(long, default_value_t = 1)]
+    decode: usize,
+    /// Whether the router prefills on a prefill worker: never, auto or always.
+    #[arg(long, default_value = "auto")]
+    disagg: String,
+    /// The cluster's name (its keys in the store, its run directory).
+    #[arg(long, default_value = "local")]
+    cluster: String,
+    /// Compute threads per worker (default: the cores shared out).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Require this API key (repeatable).
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// Where the cluster keeps its files (default: the cache's clusters/NAME).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Extra arguments passed to every worker (e.g. `--worker-arg=--kv-blocks=512`).
+    #[arg(long = "worker-arg", allow_hyphen_values = true)]
+    worker_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -237,6 +283,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tandem::bench_transfer::transfer(&opts)?;
         }
         Command::Sim(a) => tandem::sim::run(&a)?,
+        Command::Up(a) => tandem::up::run(tandem::up::UpOptions {
+            model: a.model.resolve()?,
+            listen: std::net::SocketAddr::new(a.host, a.port),
+            prefill: a.prefill,
+            decode: a.decode,
+            cluster: a.cluster,
+            disagg: a.disagg,
+            threads: a.threads,
+            api_keys: a.api_keys,
+            run_dir: a.run_dir,
+            worker_args: a.worker_args,
+        })?,
+        Command::Control { listen } => tandem::up::control(listen)?,
+        Command::Bench {
+            command: BenchCommand::Serve(a),
+        } => tandem::bench_serve::run(&a)?,
         Command::Bench {
             command: BenchCommand::Router(a),
         } => tandem::bench_router::run(&a)?,

@@ -1,0 +1,392 @@
+//! `tandem up`: a whole local cluster from one command.
+//!
+//! This process hosts the embedded control-plane store (served over gRPC on
+//! loopback), creates the cluster CA and one certificate per process, and
+//! starts the router and the workers as child processes (`tandem router`,
+//! `tandem prefill`, `tandem decode`: the same binary). It waits until the router
+//! and every decode worker have registered, prints the API URL, writes the
+//! cluster file that `tandem ctl` and tests read, and then supervises: a child
+//! that exits is reported at once; Ctrl-C or SIGTERM stops every child
+//! gracefully (SIGTERM, then SIGKILL after the drain timeout) and then the store.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tandem_control_plane::{MemStore, Store};
+use tandem_kv_transfer::tls::ClusterCa;
+use tandem_protocol::{InstanceInfo, Role, keys};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How long children get to drain before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+/// How long the cluster may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// What `tandem up` starts.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// The GGUF every worker serves.
+    pub model: PathBuf,
+    /// The OpenAI API address.
+    pub listen: SocketAddr,
+    pub prefill: usize,
+    pub decode: usize,
+    pub cluster: String,
+    /// `never`, `auto` or `always`.
+    pub disagg: String,
+    /// Compute threads per worker (default: the cores shared out among workers).
+    pub threads: Option<usize>,
+    /// API keys the router requires (none: open on loopback).
+    pub api_keys: Vec<String>,
+    /// Where the cluster's files go (default: the cache's `clusters/<name>`).
+    pub run_dir: Option<PathBuf>,
+    /// Extra arguments for every worker (e.g. `--kv-blocks 512`).
+    pub worker_args: Vec<String>,
+}
+
+/// What a running cluster publishes about itself, at `<run dir>/cluster.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    pub cluster: String,
+    /// The OpenAI API base URL (`http://127.0.0.1:8080/v1`).
+    pub api_url: String,
+    /// The control-plane store's gRPC URL.
+    pub store_url: String,
+    /// The directory holding the cluster CA and each process's certificate.
+    pub tls_dir: PathBuf,
+    /// The `tandem up` process.
+    pub pid: u32,
+}
+
+impl ClusterFile {
+    /// The cluster file of a cluster called `cluster` in the default run directory.
+    pub fn default_path(cluster: &str) -> PathBuf {
+        default_run_dir(cluster).join("cluster.json")
+    }
+
+    /// Reads a cluster file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(path)
+            .with_context(|| format!("no running cluster: cannot read {}", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("bad cluster file {}", path.display()))
+    }
+}
+
+fn default_run_dir(cluster: &str) -> PathBuf {
+    tandem_engine::paths::cache_dir()
+        .join("clusters")
+        .join(cluster)
+}
+
+/// One child process of the cluster.
+struct Process {
+    name: String,
+    role: Role,
+    child: Child,
+}
+
+/// Runs the cluster until Ctrl-C or SIGTERM.
+pub fn run(opts: UpOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(opts.decode >= 1, "--decode must be at least 1");
+    anyhow::ensure!(
+        matches!(opts.disagg.as_str(), "never" | "auto" | "always"),
+        "--disagg must be never, auto or always, not {:?}",
+        opts.disagg
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(up(opts))
+}
+
+async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir(&opts.cluster));
+    let tls_dir = dir.join("tls");
+    if tls_dir.exists() {
+        std::fs::remove_dir_all(&tls_dir)
+            .with_context(|| format!("clearing {}", tls_dir.display()))?;
+    }
+    std::fs::create_dir_all(&tls_dir).with_context(|| format!("creating {}", tls_dir.display()))?;
+
+    // The API port is checked before anything starts, so a busy port is one clear error.
+    drop(
+        std::net::TcpListener::bind(opts.listen)
+            .with_context(|| format!("the API address {} is not free", opts.listen))?,
+    );
+
+    let store = MemStore::new();
+    let store_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("binding the control-plane store")?;
+    let store_url = format!("http://{}", store_listener.local_addr()?);
+    let (stop_store, store_stopped) = tokio::sync::oneshot::channel::<()>();
+    let store_task = tokio::spawn(tandem_control_plane::serve(
+        store.clone(),
+        store_listener,
+        async {
+            let _ = store_stopped.await;
+        },
+    ));
+
+    let ca = ClusterCa::generate(&format!("tandem {} cluster", opts.cluster))?;
+    let exe = std::env::current_exe().context("finding the tandem binary")?;
+    let workers = opts.prefill + opts.decode;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = opts.threads.unwrap_or((cores / workers).max(1));
+
+    let mut specs: Vec<(String, Role, Vec<String>)> = Vec::new();
+    let mut router_args = vec![
+        "router".to_owned(),
+        "--listen".to_owned(),
+        opts.listen.to_string(),
+        "--disagg".to_owned(),
+        opts.disagg.clone(),
+    ];
+    for key in &opts.api_keys {
+        router_args.extend(["--api-key".to_owned(), key.clone()]);
+    }
+    specs.push(("router-0".to_owned(), Role::Router, router_args));
+    for (role, n) in [(Role::Prefill, opts.prefill), (Role::Decode, opts.decode)] {
+        for i in 0..n {
+            let mut args = vec![
+                role.as_str().to_owned(),
+                "--model".to_owned(),
+                opts.model.display().to_string(),
+                "--threads".to_owned(),
+                threads.to_string(),
+            ];
+            args.extend(opts.worker_args.iter().cloned());
+            specs.push((format!("{role}-{i}"), role, args));
+        }
+    }
+
+    let mut procs = Vec::new();
+    for (name, role, mut args) in specs {
+        let node_dir = tls_dir.join(&name);
+        std::fs::create_dir_all(&node_dir)
+            .with_context(|| format!("creating {}", node_dir.display()))?;
+        ca.issue(&[&name, "localhost", "127.0.0.1"])?
+            .write_files(&node_dir)?;
+        args.extend([
+            "--store".to_owned(),
+            store_url.clone(),
+            "--cluster".to_owned(),
+            opts.cluster.clone(),
+            "--id".to_owned(),
+            name.clone(),
+            "--tls-dir".to_owned(),
+            node_dir.display().to_string(),
+        ]);
+        let child = Command::new(&exe)
+            .args(&args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        procs.push(Process { name, role, child });
+    }
+
+    let api_url = format!("http://{}/v1", opts.listen);
+    let ready = tokio::select! {
+        r = wait_ready(&store, &opts.cluster, opts.decode, opts.prefill, &mut procs) => r,
+        _ = sigterm.recv() => Err(anyhow::anyhow!("stopped while starting")),
+        _ = sigint.recv() => Err(anyhow::anyhow!("stopped while starting")),
+    };
+    let cluster_file = dir.join("cluster.json");
+    let outcome = match ready {
+        Ok(()) => {
+            let file = ClusterFile {
+                cluster: opts.cluster.clone(),
+                api_url: api_url.clone(),
+                store_url: store_url.clone(),
+                tls_dir: tls_dir.clone(),
+                pid: std::process::id(),
+            };
+            std::fs::write(&cluster_file, serde_json::to_vec_pretty(&file)?)
+                .with_context(|| format!("writing {}", cluster_file.display()))?;
+            println!(
+                "tandem is up: {} prefill, {} decode worker(s), model {}",
+                opts.prefill,
+                opts.decode,
+                opts.model.display()
+            );
+            println!("  API        {api_url}");
+            println!("  metrics    http://{}/metrics", opts.listen);
+            println!("  store      {store_url}");
+            println!("  cluster    {}", cluster_file.display());
+            println!("Ctrl-C stops the cluster.");
+            supervise(&mut procs, &mut sigterm, &mut sigint).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    eprintln!("tandem up: stopping");
+    stop_all(&mut procs).await;
+    let _ = std::fs::remove_file(&cluster_file);
+    let _ = stop_store.send(());
+    match store_task.await {
+        Ok(Err(e)) => eprintln!("tandem up: control-plane store: {e}"),
+        Err(e) => eprintln!("tandem up: control-plane store task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    outcome
+}
+
+/// Waits until the router and every worker have registered; fails if a child
+/// exits first or the cluster takes too long.
+async fn wait_ready(
+    store: &MemStore,
+    cluster: &str,
+    decode: usize,
+    prefill: usize,
+    procs: &mut [Process],
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        for p in procs.iter_mut() {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited while the cluster was starting ({status})", p.name);
+            }
+        }
+        let counts = registered(store, cluster).await?;
+        let n = |r: Role| counts.get(&r).copied().unwrap_or(0);
+        if n(Role::Router) >= 1 && n(Role::Decode) >= decode && n(Role::Prefill) >= prefill {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the cluster did not come up in {}s: registered router {}, decode {}/{decode}, prefill {}/{prefill}",
+                START_TIMEOUT.as_secs(),
+                n(Role::Router),
+                n(Role::Decode),
+                n(Role::Prefill),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Registered instances by role.
+async fn registered(store: &MemStore, cluster: &str) -> anyhow::Result<BTreeMap<Role, usize>> {
+    let (kvs, _) = store.list(&keys::instances(cluster)).await?;
+    let mut counts = BTreeMap::new();
+    for kv in kvs {
+        match InstanceInfo::from_json(&kv.key, &kv.value) {
+            Ok(info) => *counts.entry(info.role).or_insert(0) += 1,
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    Ok(counts)
+}
+
+/// Reports children that exit until a stop signal arrives.
+async fn supervise(
+    procs: &mut Vec<Process>,
+    sigterm: &mut tokio::signal::unix::Signal,
+    sigint: &mut tokio::signal::unix::Signal,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => return,
+            _ = sigint.recv() => return,
+            _ = tick.tick() => {}
+        }
+        let mut i = 0;
+        while i < procs.len() {
+            match procs[i].child.try_wait() {
+                Ok(Some(status)) => {
+                    let p = procs.remove(i);
+                    eprintln!(
+                        "tandem up: {} ({}) exited unexpectedly ({status}); the cluster goes on without it",
+                        p.name, p.role
+                    );
+                }
+                Ok(None) => i += 1,
+                Err(e) => {
+                    eprintln!("tandem up: cannot check {}: {e}", procs[i].name);
+                    i += 1;
+                }
+            }
+        }
+        if !procs.iter().any(|p| p.role == Role::Router) {
+            eprintln!("tandem up: the router is gone; stopping the cluster");
+            return;
+        }
+    }
+}
+
+/// SIGTERM to every child (router first, so it stops taking requests), then
+/// waits; whatever is still running after the timeout is killed.
+async fn stop_all(procs: &mut Vec<Process>) {
+    procs.sort_by_key(|p| p.role != Role::Router);
+    for p in procs.iter() {
+        if let Some(pid) = p.child.id() {
+            terminate(pid);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    for p in procs.iter_mut() {
+        match tokio::time::timeout_at(deadline, p.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => eprintln!("tandem up: {} stopped with {status}", p.name),
+            Ok(Err(e)) => eprintln!("tandem up: waiting for {}: {e}", p.name),
+            Err(_) => {
+                eprintln!("tandem up: {} did not stop in time; killing it", p.name);
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+    procs.clear();
+}
+
+/// Sends SIGTERM to `pid`.
+fn terminate(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only
+    // yields ESRCH, which there is nothing to do about.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+/// `tandem control`: serves an embedded store on `listen` until Ctrl-C or SIGTERM.
+pub fn control(listen: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        println!("control-plane store on http://{}", listener.local_addr()?);
+        let stop = async move {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        tandem_control_plane::serve(MemStore::new(), listener, stop)
+            .await
+            .context("serving the store")
+    })
+}
