@@ -62,6 +62,17 @@ pub struct ClusterFile {
     pub tls_dir: PathBuf,
     /// The `tandem up` process.
     pub pid: u32,
+    /// The processes it started.
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// One process of a local cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Its id in the store (`decode-0`).
+    pub name: String,
+    pub role: Role,
+    pub pid: u32,
 }
 
 impl ClusterFile {
@@ -215,6 +226,16 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 store_url: store_url.clone(),
                 tls_dir: tls_dir.clone(),
                 pid: std::process::id(),
+                processes: procs
+                    .iter()
+                    .filter_map(|p| {
+                        Some(ProcessInfo {
+                            name: p.name.clone(),
+                            role: p.role,
+                            pid: p.child.id()?,
+                        })
+                    })
+                    .collect(),
             };
             std::fs::write(&cluster_file, serde_json::to_vec_pretty(&file)?)
                 .with_context(|| format!("writing {}", cluster_file.display()))?;

@@ -1,0 +1,399 @@
+//! End to end over real processes: `tandem up` starts the store, a router, a
+//! prefill worker and two decode workers; requests go through the OpenAI API.
+//!
+//! - The first invariant: greedy output disaggregated (prefill worker → QUIC →
+//!   decode worker) equals aggregated (decode worker prefills) equals
+//!   `tandem generate`.
+//! - A prompt sharing a cached prefix goes to the worker holding it and reports
+//!   `cached_tokens`.
+//! - Failures: a prefill worker killed mid-request (the decode worker prefills
+//!   locally), a decode worker killed before the first token (the router retries
+//!   elsewhere), the dead worker leaving the router's view within the lease TTL.
+//! - SIGTERM stops the whole cluster cleanly.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tandem::up::ClusterFile;
+use tandem_control_plane::{RemoteStore, Store};
+use tandem_protocol::{InstanceInfo, Role, keys};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tandem");
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+fn model_path() -> String {
+    tandem_engine::paths::test_model_path().display().to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A `tandem up` cluster in a temporary run directory, stopped on drop.
+struct Cluster {
+    up: Child,
+    dir: PathBuf,
+    file: ClusterFile,
+    http: reqwest::blocking::Client,
+}
+
+impl Cluster {
+    fn start(name: &str, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("tandem-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("run dir");
+        let port = free_port().to_string();
+        let up = Command::new(BIN)
+            .args(["up", "--model", &model_path(), "--port", &port, "--cluster", name])
+            .arg("--run-dir")
+            .arg(&dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("tandem up starts");
+        let mut cluster = Self {
+            up,
+            dir: dir.clone(),
+            file: ClusterFile {
+                cluster: String::new(),
+                api_url: String::new(),
+                store_url: String::new(),
+                tls_dir: PathBuf::new(),
+                pid: 0,
+                processes: Vec::new(),
+            },
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("client"),
+        };
+        let path = dir.join("cluster.json");
+        let start = Instant::now();
+        loop {
+            if let Ok(file) = ClusterFile::read(&path) {
+                cluster.file = file;
+                return cluster;
+            }
+            if let Some(status) = cluster.up.try_wait().expect("try_wait") {
+                panic!("tandem up exited before the cluster came up: {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "the cluster did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.file
+            .processes
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+            .pid
+    }
+
+    fn post(&self, base: &str, path: &str, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let text = r.text().expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    fn get(&self, url: &str) -> (u16, String) {
+        let r = self.http.get(url).send().expect("request sent");
+        (r.status().as_u16(), r.text().expect("body"))
+    }
+
+    /// The registered instances, from the cluster's store.
+    fn instances(&self) -> Vec<InstanceInfo> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let store = RemoteStore::connect(&self.file.store_url).expect("store client");
+            let (kvs, _) = store
+                .list(&keys::instances(&self.file.cluster))
+                .await
+                .expect("list");
+            kvs.iter()
+                .map(|kv| InstanceInfo::from_json(&kv.key, &kv.value).expect("registration"))
+                .collect()
+        })
+    }
+
+    fn instance(&self, name: &str) -> InstanceInfo {
+        self.instances()
+            .into_iter()
+            .find(|i| i.id == name)
+            .unwrap_or_else(|| panic!("{name} is not registered"))
+    }
+
+    /// A counter or gauge from a process's `/metrics`, summed over labels.
+    fn metric(&self, http_addr: &str, name: &str) -> f64 {
+        let (status, text) = self.get(&format!("http://{http_addr}/metrics"));
+        assert_eq!(status, 200, "{text}");
+        metric_sum(&text, name)
+    }
+
+    /// Sends SIGTERM to `tandem up` and checks everything stopped cleanly.
+    fn stop(mut self) {
+        signal(self.file.pid, libc::SIGTERM);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.up.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "tandem up did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "tandem up exited with {status}");
+        for p in &self.file.processes {
+            assert!(!alive(p.pid), "{} (pid {}) outlived the cluster", p.name, p.pid);
+        }
+        assert!(
+            !self.dir.join("cluster.json").exists(),
+            "the cluster file is removed"
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.up.try_wait().ok().flatten().is_none() {
+            signal(self.up.id(), libc::SIGTERM);
+            let _ = self.up.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); /proc says whether it is really running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `tandem generate`'s greedy text for a chat message.
+fn generate_text(chat: &str, max_tokens: usize) -> String {
+    let out = Command::new(BIN)
+        .args(["generate", "--model", &model_path(), "--chat", chat, "--json"])
+        .args(["--max-tokens", &max_tokens.to_string(), "--threads", "1"])
+        .output()
+        .expect("tandem generate runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["text"].as_str().expect("text").to_owned()
+}
+
+/// Greedy completion through an API: (text, cached prompt tokens).
+fn chat(c: &Cluster, base: &str, user: &str, max_tokens: usize) -> (String, u64) {
+    let (status, v) = c.post(
+        base,
+        "/chat/completions",
+        &json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": user}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": true,
+        }),
+    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    (text, cached)
+}
+
+const LONG_SYSTEM: &str = "You are a meticulous assistant for a fleet of inference servers. \
+    Answer briefly, cite the component involved, and never invent figures. The fleet has \
+    routers, prefill workers and decode workers; KV blocks move between them over QUIC.";
+
+#[test]
+fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
+    let c = Cluster::start(
+        "e2e",
+        &["--prefill", "1", "--decode", "2", "--disagg", "always", "--threads", "1"],
+    );
+    let api = c.file.api_url.clone();
+
+    // A second router on the same store, never disaggregating: aggregated mode.
+    let agg_port = free_port();
+    let mut agg_router = Command::new(BIN)
+        .args(["router", "--store", &c.file.store_url, "--cluster", &c.file.cluster])
+        .args(["--id", "router-agg", "--disagg", "never"])
+        .args(["--listen", &format!("127.0.0.1:{agg_port}")])
+        .spawn()
+        .expect("second router starts");
+    let agg = format!("http://127.0.0.1:{agg_port}/v1");
+    let start = Instant::now();
+    while c.get(&format!("http://127.0.0.1:{agg_port}/health")).0 != 200 {
+        assert!(start.elapsed() < Duration::from_secs(30), "router-agg is not healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The first invariant.
+    let prefill = c.instance("prefill-0");
+    let remote_before = c.metric(&prefill.http_addr, "tandem_prefill_requests_total");
+    let n = 24;
+    for user in [
+        format!("{LONG_SYSTEM} What does a prefill worker do?"),
+        format!("{LONG_SYSTEM} Why stream KV blocks layer by layer?"),
+    ] {
+        let expected = generate_text(&user, n);
+        let (disagg_text, _) = chat(&c, &api, &user, n);
+        let (agg_text, _) = chat(&c, &agg, &user, n);
+        assert_eq!(disagg_text, expected, "disaggregated == tandem generate");
+        assert_eq!(agg_text, expected, "aggregated == tandem generate");
+    }
+    let remote_after = c.metric(&prefill.http_addr, "tandem_prefill_requests_total");
+    assert!(
+        remote_after >= remote_before + 2.0,
+        "the prefill worker computed the disaggregated prompts ({remote_before} -> {remote_after})"
+    );
+
+    // Prefix routing: a new question after a cached prefix lands where the
+    // prefix is (the other decode worker holds nothing of it).
+    let decode_requests = |c: &Cluster| -> Vec<(String, f64)> {
+        c.instances()
+            .into_iter()
+            .filter(|i| i.role == Role::Decode)
+            .map(|i| (i.id.clone(), c.metric(&i.http_addr, "tandem_decode_requests_total")))
+            .collect()
+    };
+    let prefix = format!("Context: {LONG_SYSTEM} {LONG_SYSTEM} Question: ");
+    let (_, first) = chat(&c, &agg, &format!("{prefix}the first question?"), 4);
+    let before = decode_requests(&c);
+    let (_, second) = chat(&c, &agg, &format!("{prefix}the second question?"), 4);
+    let after = decode_requests(&c);
+    assert!(
+        second >= first + 64,
+        "the shared prefix is reused: cached_tokens {first} then {second}"
+    );
+    let holder = before
+        .iter()
+        .zip(&after)
+        .find(|(b, a)| a.1 > b.1)
+        .map(|(_, a)| a.0.clone())
+        .expect("a decode worker served the second request");
+
+    // A prefill worker killed mid-request: the decode worker prefills locally.
+    let long_user = format!("{} Summarize.", LONG_SYSTEM.repeat(20));
+    let expected_long = generate_text(&long_user, 8);
+    let client = c.http.clone();
+    let api2 = api.clone();
+    let body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": long_user}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": true,
+    });
+    let pending = std::thread::spawn(move || {
+        let r = client
+            .post(format!("{api2}/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("sent");
+        (r.status().as_u16(), r.text().expect("body"))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    signal(c.pid("prefill-0"), libc::SIGKILL);
+    let (status, text) = pending.join().expect("request thread");
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(expected_long.as_str()),
+        "the request completed with the same tokens after its prefill worker died"
+    );
+
+    // A decode worker killed before the first token: the router still routes
+    // the prefix to it (its lease has not expired), fails, and retries on the other.
+    signal(c.pid(&holder), libc::SIGKILL);
+    let (text, _) = chat(&c, &agg, &format!("{prefix}the third question?"), 4);
+    assert!(!text.is_empty());
+    // Within the lease TTL the dead worker leaves the router's view.
+    let start = Instant::now();
+    loop {
+        let (_, health) = c.get(&format!("http://127.0.0.1:{agg_port}/health"));
+        let v: Value = serde_json::from_str(&health).unwrap_or(Value::Null);
+        let gone = c.instances().iter().all(|i| i.id != holder);
+        if gone && v["decode_workers"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{holder} still in view after 15 s: {health}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    signal(agg_router.id(), libc::SIGTERM);
+    let status = agg_router.wait().expect("router-agg exits");
+    assert!(status.success(), "router-agg stopped with {status}");
+    c.stop();
+}
+
+#[test]
+#[ignore = "needs python3 with the openai package (pip install openai)"]
+fn the_openai_python_sdk_works_against_tandem_up() {
+    let c = Cluster::start("sdk", &["--api-key", "sk-sdk", "--threads", "1"]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/openai/tests/sdk/check_openai_sdk.py"
+    );
+    let out = Command::new("python3")
+        .args([script, &c.file.api_url, "sk-sdk", MODEL])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.stop();
+}
