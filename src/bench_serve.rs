@@ -150,8 +150,14 @@ fn base_url(url: &str) -> String {
 pub async fn measure(args: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> {
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
-    anyhow::ensure!(args.prompt_tokens >= 1, "--prompt-tokens must be at least 1");
-    anyhow::ensure!(args.output_tokens >= 1, "--output-tokens must be at least 1");
+    anyhow::ensure!(
+        args.prompt_tokens >= 1,
+        "--prompt-tokens must be at least 1"
+    );
+    anyhow::ensure!(
+        args.output_tokens >= 1,
+        "--output-tokens must be at least 1"
+    );
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.long_fraction),
         "--long-fraction must be between 0 and 1"
@@ -423,7 +429,10 @@ fn print_report(r: &ServeBenchReport) {
         "throughput: {:.2} requests/s, {:.1} output tokens/s; cached prompt tokens {}",
         r.requests_per_s, r.output_tokens_per_s, r.cached_tokens
     );
-    println!("{:<12} {:>9} {:>9} {:>9} {:>9}", "ms", "p50", "p90", "p99", "mean");
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9}",
+        "ms", "p50", "p90", "p99", "mean"
+    );
     for (name, p) in [
         ("TTFT", r.ttft_ms),
         ("TTFT short", r.ttft_short_ms),

@@ -85,7 +85,8 @@ impl ClusterFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read(path)
             .with_context(|| format!("no running cluster: cannot read {}", path.display()))?;
-        serde_json::from_slice(&text).with_context(|| format!("bad cluster file {}", path.display()))
+        serde_json::from_slice(&text)
+            .with_context(|| format!("bad cluster file {}", path.display()))
     }
 }
 
@@ -280,7 +281,10 @@ async fn wait_ready(
     loop {
         for p in procs.iter_mut() {
             if let Some(status) = p.child.try_wait()? {
-                bail!("{} exited while the cluster was starting ({status})", p.name);
+                bail!(
+                    "{} exited while the cluster was starting ({status})",
+                    p.name
+                );
             }
         }
         let counts = registered(store, cluster).await?;
@@ -395,7 +399,8 @@ pub fn control(listen: SocketAddr) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut sigterm =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;

@@ -24,7 +24,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
 fn model_path() -> String {
-    tandem_engine::paths::test_model_path().display().to_string()
+    tandem_engine::paths::test_model_path()
+        .display()
+        .to_string()
 }
 
 fn free_port() -> u16 {
@@ -50,7 +52,15 @@ impl Cluster {
         std::fs::create_dir_all(&dir).expect("run dir");
         let port = free_port().to_string();
         let up = Command::new(BIN)
-            .args(["up", "--model", &model_path(), "--port", &port, "--cluster", name])
+            .args([
+                "up",
+                "--model",
+                &model_path(),
+                "--port",
+                &port,
+                "--cluster",
+                name,
+            ])
             .arg("--run-dir")
             .arg(&dir)
             .args(args)
@@ -110,7 +120,10 @@ impl Cluster {
             .expect("request sent");
         let status = r.status().as_u16();
         let text = r.text().expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     fn get(&self, url: &str) -> (u16, String) {
@@ -166,7 +179,12 @@ impl Cluster {
         };
         assert!(status.success(), "tandem up exited with {status}");
         for p in &self.file.processes {
-            assert!(!alive(p.pid), "{} (pid {}) outlived the cluster", p.name, p.pid);
+            assert!(
+                !alive(p.pid),
+                "{} (pid {}) outlived the cluster",
+                p.name,
+                p.pid
+            );
         }
         assert!(
             !self.dir.join("cluster.json").exists(),
@@ -213,11 +231,22 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 /// `tandem generate`'s greedy text for a chat message.
 fn generate_text(chat: &str, max_tokens: usize) -> String {
     let out = Command::new(BIN)
-        .args(["generate", "--model", &model_path(), "--chat", chat, "--json"])
+        .args([
+            "generate",
+            "--model",
+            &model_path(),
+            "--chat",
+            chat,
+            "--json",
+        ])
         .args(["--max-tokens", &max_tokens.to_string(), "--threads", "1"])
         .output()
         .expect("tandem generate runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     v["text"].as_str().expect("text").to_owned()
 }
@@ -254,14 +283,29 @@ const LONG_SYSTEM: &str = "You are a meticulous assistant for a fleet of inferen
 fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     let c = Cluster::start(
         "e2e",
-        &["--prefill", "1", "--decode", "2", "--disagg", "always", "--threads", "1"],
+        &[
+            "--prefill",
+            "1",
+            "--decode",
+            "2",
+            "--disagg",
+            "always",
+            "--threads",
+            "1",
+        ],
     );
     let api = c.file.api_url.clone();
 
     // A second router on the same store, never disaggregating: aggregated mode.
     let agg_port = free_port();
     let mut agg_router = Command::new(BIN)
-        .args(["router", "--store", &c.file.store_url, "--cluster", &c.file.cluster])
+        .args([
+            "router",
+            "--store",
+            &c.file.store_url,
+            "--cluster",
+            &c.file.cluster,
+        ])
         .args(["--id", "router-agg", "--disagg", "never"])
         .args(["--listen", &format!("127.0.0.1:{agg_port}")])
         .spawn()
@@ -269,7 +313,10 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     let agg = format!("http://127.0.0.1:{agg_port}/v1");
     let start = Instant::now();
     while c.get(&format!("http://127.0.0.1:{agg_port}/health")).0 != 200 {
-        assert!(start.elapsed() < Duration::from_secs(30), "router-agg is not healthy");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "router-agg is not healthy"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -299,7 +346,12 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         c.instances()
             .into_iter()
             .filter(|i| i.role == Role::Decode)
-            .map(|i| (i.id.clone(), c.metric(&i.http_addr, "tandem_decode_requests_total")))
+            .map(|i| {
+                (
+                    i.id.clone(),
+                    c.metric(&i.http_addr, "tandem_decode_requests_total"),
+                )
+            })
             .collect()
     };
     let prefix = format!("Context: {LONG_SYSTEM} {LONG_SYSTEM} Question: ");
