@@ -40,6 +40,9 @@ const WATCH_QUEUE: usize = 1024;
 /// First and longest wait between reconnection attempts of a watch.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The largest answer accepted: a list of a big prefix, or a watch batch of
+/// many revisions (etcd batches up to 1000), can exceed tonic's 4 MiB default.
+const MAX_MESSAGE: usize = 256 << 20;
 
 const RANGE: &str = "/etcdserverpb.KV/Range";
 const PUT: &str = "/etcdserverpb.KV/Put";
@@ -138,6 +141,10 @@ impl EtcdStore {
         Ok(())
     }
 
+    fn grpc(&self) -> tonic::client::Grpc<Channel> {
+        tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
     /// Sends one request and waits (at most [`REQUEST_TIMEOUT`]) for its
     /// answer. `lease` is the lease the request names, if any: etcd's
     /// `NotFound` is about that lease.
@@ -167,7 +174,7 @@ impl EtcdStore {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = self.grpc();
         let call = async {
             grpc.ready()
                 .await
@@ -192,7 +199,7 @@ impl EtcdStore {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = self.grpc();
         let call = async {
             grpc.ready()
                 .await
