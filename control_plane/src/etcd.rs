@@ -12,6 +12,8 @@
 //! and `kv.proto`, so building tandem needs no `protoc` and no generated code.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -59,11 +61,22 @@ const LEASE_KEEPALIVE: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
 /// It connects lazily: [`EtcdStore::connect`] returns without reaching etcd, so a
 /// process can start while etcd is down; calls fail with
 /// [`StoreError::Unavailable`] until a member answers, and watches reconnect by
-/// themselves and resume from the last revision they delivered. Clones share
-/// one connection.
+/// themselves and resume from the last revision they delivered.
+///
+/// Requests go to one member at a time, as etcd's own client does. When a
+/// member cannot be reached (or has no leader) the store moves on to the next;
+/// a request that could not have been delivered is sent again to it at once,
+/// any other is failed with `Unavailable` (it may have been applied). Clones
+/// share the connections.
 #[derive(Clone)]
 pub struct EtcdStore {
-    channel: Channel,
+    members: Arc<Members>,
+}
+
+/// The etcd members, one lazy connection each, and the one in use.
+struct Members {
+    channels: Vec<Channel>,
+    current: AtomicUsize,
 }
 
 impl EtcdStore {
@@ -72,16 +85,19 @@ impl EtcdStore {
     /// contact etcd. Must be called inside a tokio runtime. TLS to etcd is not
     /// supported yet: an `https://` endpoint is refused.
     pub fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
-        let endpoints = endpoints
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid("no etcd endpoints given".into()));
+        }
+        let channels = endpoints
             .iter()
-            .map(|url| endpoint(url))
+            .map(|url| endpoint(url).map(|e| e.connect_lazy()))
             .collect::<Result<Vec<_>, _>>()?;
-        let channel = match endpoints.as_slice() {
-            [] => return Err(StoreError::Invalid("no etcd endpoints given".into())),
-            [one] => one.connect_lazy(),
-            _ => Channel::balance_list(endpoints.into_iter()),
-        };
-        Ok(Self { channel })
+        Ok(Self {
+            members: Arc::new(Members {
+                channels,
+                current: AtomicUsize::new(0),
+            }),
+        })
     }
 
     /// Claims `key` for this process if nobody holds it: writes `value` there,
@@ -141,8 +157,49 @@ impl EtcdStore {
         Ok(())
     }
 
-    fn grpc(&self) -> tonic::client::Grpc<Channel> {
-        tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    /// The member in use: its index and a client for it.
+    fn member(&self) -> (usize, tonic::client::Grpc<Channel>) {
+        let members = &self.members;
+        let i = members.current.load(Ordering::Relaxed) % members.channels.len();
+        let grpc = tonic::client::Grpc::new(members.channels[i].clone())
+            .max_decoding_message_size(MAX_MESSAGE);
+        (i, grpc)
+    }
+
+    /// Moves on from member `i` (unless another request already has).
+    fn leave(&self, i: usize) {
+        let next = (i + 1) % self.members.channels.len();
+        let _ =
+            self.members
+                .current
+                .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Runs `call` on the member in use, moving on to the next member when
+    /// that one fails as if it were down, and trying again (once per member)
+    /// while the request cannot have been delivered.
+    async fn on_member<T, F, Fut>(&self, call: F) -> Result<Result<T, Status>, StoreError>
+    where
+        F: Fn(tonic::client::Grpc<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut tries = self.members.channels.len();
+        loop {
+            let (i, grpc) = self.member();
+            let result = with_deadline(call(grpc)).await;
+            let (down, undelivered) = match &result {
+                Ok(Err(status)) => (status.code() == Code::Unavailable, undelivered(status)),
+                Ok(Ok(_)) => (false, false),
+                Err(_) => (true, false),
+            };
+            if down {
+                self.leave(i);
+            }
+            tries -= 1;
+            if !(undelivered && tries > 0) {
+                return result;
+            }
+        }
     }
 
     /// Sends one request and waits (at most [`REQUEST_TIMEOUT`]) for its
@@ -155,7 +212,7 @@ impl EtcdStore {
         lease: Option<LeaseId>,
     ) -> Result<Resp, StoreError>
     where
-        Req: prost::Message + Send + Sync + 'static,
+        Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
         self.unary_status(method, request)
@@ -171,50 +228,60 @@ impl EtcdStore {
         request: Req,
     ) -> Result<Result<Resp, Status>, StoreError>
     where
-        Req: prost::Message + Send + Sync + 'static,
+        Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc();
-        let call = async {
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            grpc.unary(
-                request_with_leader(request),
-                PathAndQuery::from_static(method),
-                ProstCodec::<Req, Resp>::default(),
-            )
-            .await
-        };
-        Ok(with_deadline(call).await?.map(tonic::Response::into_inner))
+        self.on_member(|mut grpc| {
+            let request = request.clone();
+            async move {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let resp = grpc
+                    .unary(
+                        request_with_leader(request),
+                        PathAndQuery::from_static(method),
+                        ProstCodec::<Req, Resp>::default(),
+                    )
+                    .await?;
+                Ok(resp.into_inner())
+            }
+        })
+        .await
     }
 
-    /// Opens a bidirectional stream fed by `requests`.
+    /// Opens a bidirectional stream whose first request is `first`; the
+    /// sender sends more, and dropping it closes the request side.
     async fn streaming<Req, Resp>(
         &self,
         method: &'static str,
-        requests: mpsc::Receiver<Req>,
-    ) -> Result<Streaming<Resp>, StoreError>
+        first: Req,
+    ) -> Result<(mpsc::Sender<Req>, Streaming<Resp>), StoreError>
     where
-        Req: prost::Message + Send + Sync + 'static,
+        Req: prost::Message + Clone + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        let mut grpc = self.grpc();
-        let call = async {
-            grpc.ready()
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            grpc.streaming(
-                request_with_leader(ReceiverStream::new(requests)),
-                PathAndQuery::from_static(method),
-                ProstCodec::<Req, Resp>::default(),
-            )
-            .await
-        };
-        match with_deadline(call).await? {
-            Ok(resp) => Ok(resp.into_inner()),
-            Err(status) => Err(from_status(&status, None)),
-        }
+        self.on_member(|mut grpc| {
+            let first = first.clone();
+            async move {
+                let (requests, rx) = mpsc::channel(1);
+                // The channel is new and empty, so this cannot fail.
+                let _ = requests.try_send(first);
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let resp = grpc
+                    .streaming(
+                        request_with_leader(ReceiverStream::new(rx)),
+                        PathAndQuery::from_static(method),
+                        ProstCodec::<Req, Resp>::default(),
+                    )
+                    .await?;
+                Ok((requests, resp.into_inner()))
+            }
+        })
+        .await?
+        .map_err(|status| from_status(&status, None))
     }
 
     /// A cheap read of one key under `prefix`, at revision `at` (0: now).
@@ -253,7 +320,6 @@ impl EtcdStore {
     /// has created it.
     async fn open_watch(&self, prefix: &str, start: Revision) -> Result<EtcdWatch, StoreError> {
         let (key, range_end) = prefix_range(prefix);
-        let (requests, rx) = mpsc::channel(1);
         let create = wire::WatchRequest {
             request_union: Some(wire::watch_request::RequestUnion::CreateRequest(
                 wire::WatchCreateRequest {
@@ -263,9 +329,9 @@ impl EtcdStore {
                 },
             )),
         };
-        // The channel is new and empty, so this cannot fail.
-        let _ = requests.try_send(create);
-        let mut responses: Streaming<wire::WatchResponse> = self.streaming(WATCH, rx).await?;
+        let (requests, mut responses) = self
+            .streaming::<_, wire::WatchResponse>(WATCH, create)
+            .await?;
         loop {
             let resp = with_deadline(responses.message())
                 .await?
@@ -398,6 +464,21 @@ async fn with_deadline<T>(f: impl Future<Output = T>) -> Result<T, StoreError> {
     tokio::time::timeout(REQUEST_TIMEOUT, f).await.map_err(|_| {
         StoreError::Unavailable(format!("etcd did not answer within {REQUEST_TIMEOUT:?}"))
     })
+}
+
+/// Whether `status` says the request never reached etcd's state machine, so
+/// that sending it again cannot apply it twice: the connection could not be
+/// made, or the member refused it for want of a leader (etcd checks that
+/// before it handles the request).
+fn undelivered(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    status.code() == Code::Unavailable && status.message() == "etcdserver: no leader"
 }
 
 /// An etcd error status in the trait's terms.
@@ -603,13 +684,14 @@ impl Store for EtcdStore {
     /// One keepalive round trip on a keepalive stream of its own; etcd answers
     /// for a lease it no longer has with a TTL of zero.
     async fn lease_keepalive(&self, id: LeaseId) -> Result<(), StoreError> {
-        let (requests, rx) = mpsc::channel(1);
-        // The channel is new and empty, so this cannot fail.
-        let _ = requests.try_send(wire::LeaseKeepAliveRequest { id });
+        let (requests, mut responses) = self
+            .streaming::<_, wire::LeaseKeepAliveResponse>(
+                LEASE_KEEPALIVE,
+                wire::LeaseKeepAliveRequest { id },
+            )
+            .await?;
         // Closing the request side ends the stream after etcd's answer.
         drop(requests);
-        let mut responses: Streaming<wire::LeaseKeepAliveResponse> =
-            self.streaming(LEASE_KEEPALIVE, rx).await?;
         let resp = with_deadline(responses.message())
             .await?
             .map_err(|s| from_status(&s, Some(id)))?

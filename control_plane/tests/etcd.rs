@@ -409,3 +409,28 @@ async fn etcd_campaign_elects_one_leader_per_lease() {
         Err(StoreError::LeaseNotFound(a))
     );
 }
+
+/// With a member down, every request still succeeds on one that answers,
+/// including writes and watches (a write that could not be delivered is sent
+/// to the next member).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_moves_on_from_an_unreachable_member() {
+    let etcd = Etcd::start().await;
+    let (down, _) = free_ports();
+    let store =
+        EtcdStore::connect(&[format!("127.0.0.1:{down}"), etcd.url()]).expect("etcd client");
+    let mut w = store.watch("/p/", None).await.expect("watch");
+    let mut written = Vec::new();
+    for i in 0..20 {
+        written.push(
+            store
+                .put(&format!("/p/{i}"), b"v".to_vec(), None)
+                .await
+                .expect("put"),
+        );
+    }
+    for want in written {
+        assert_eq!(next(&mut w).await.revision(), want);
+    }
+    assert_eq!(store.list("/p/").await.expect("list").0.len(), 20);
+}
