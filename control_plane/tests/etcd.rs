@@ -324,6 +324,37 @@ async fn etcd_watch_from_a_compacted_revision_is_refused() {
     }
 }
 
+/// A watcher cut off while etcd compacts past the revision it would resume
+/// from cannot go on: its stream ends with `Compacted`, so that its reader
+/// re-lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_watch_cut_off_past_a_compaction_ends_with_compacted() {
+    let etcd = Etcd::start().await;
+    let relay = Relay::to(etcd.client_port).await;
+    let watcher = EtcdStore::connect(&[relay.url()]).expect("etcd client");
+    let writer = etcd.store();
+    let mut w = watcher.watch("/y/", None).await.expect("watch");
+    let r1 = writer.put("/y/1", b"a".to_vec(), None).await.expect("put");
+    assert_eq!(next(&mut w).await.revision(), r1);
+
+    relay.cut();
+    let mut last = r1;
+    for i in 0..5 {
+        last = writer
+            .put(&format!("/y/{i}"), b"b".to_vec(), None)
+            .await
+            .expect("put");
+    }
+    writer.compact(last).await.expect("compact");
+    relay.restore();
+    match timeout(WAIT, w.next()).await.expect("an answer within 5 s") {
+        Err(StoreError::Compacted { requested, oldest }) => {
+            assert_eq!((requested, oldest), (r1 + 1, last));
+        }
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+}
+
 /// A process can make its client before etcd is up: calls fail with
 /// `Unavailable` (promptly), and work once etcd is there, without a new client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
