@@ -1,7 +1,9 @@
 //! `EtcdStore` against a real etcd: the conformance suite, and what only a real
 //! server can show (a watch that outlives a restart of etcd, compaction, a
-//! process that starts before etcd does). Each test starts its own etcd from
-//! the Debian package `etcd-server` on loopback ports, and stops it at the end.
+//! process that starts before etcd does, a member that is down). Each test
+//! starts its own etcd from the Debian package `etcd-server` on loopback ports,
+//! and kills it at the end; a [`Relay`] lets a test decide when a watcher can
+//! reach etcd.
 
 mod common;
 
