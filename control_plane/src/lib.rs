@@ -9,11 +9,13 @@
 //!   [`RemoteStore`] is the client: a process talks to the cluster's store
 //!   through it, and its watches reconnect and resume where they left off.
 
+mod etcd;
 mod mem;
 mod remote;
 mod service;
 mod store;
 
+pub use etcd::EtcdStore;
 pub use mem::MemStore;
 pub use remote::RemoteStore;
 pub use service::serve;
