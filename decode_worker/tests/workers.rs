@@ -240,21 +240,31 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         stop: Some(stop),
         task: tokio::spawn(tandem_decode_worker::run(decode_args, down)),
     };
+    // A decode worker whose transfers cannot meet their deadline.
+    let slow_dir = identity_dir(&ca, &root, "decode-slow");
+    let (stop, down) = shutdown();
+    let mut slow_args = DecodeArgs::new(common(&store_url, slow_dir, "decode-slow"));
+    slow_args.transfer_deadline_ms = 1;
+    let mut slow = Node {
+        stop: Some(stop),
+        task: tokio::spawn(tandem_decode_worker::run(slow_args, down)),
+    };
     let reference_engine = Engine::load(test_model_path(), engine_config()).expect("load");
 
     // (a) Both register, with their roles and bound addresses, and the model card is there.
-    eventually("both registrations", Duration::from_secs(120), || async {
-        registrations(&store).await.len() == 2
+    eventually("every registration", Duration::from_secs(120), || async {
+        registrations(&store).await.len() == 3
     })
     .await;
     let regs = registrations(&store).await;
-    let find = |role: Role| {
+    let find = |id: &str| {
         regs.iter()
-            .find(|r| r.role == role)
+            .find(|r| r.id == id)
             .cloned()
             .expect("registered")
     };
-    let (p, d) = (find(Role::Prefill), find(Role::Decode));
+    let (p, d) = (find("prefill-t"), find("decode-t"));
+    assert_eq!((p.role, d.role), (Role::Prefill, Role::Decode));
     assert_eq!((p.id.as_str(), d.id.as_str()), ("prefill-t", "decode-t"));
     for r in [&p, &d] {
         assert!(r.grpc_addr.starts_with("https://127.0.0.1:"), "{r:?}");
@@ -356,6 +366,88 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     );
     assert_eq!(fallback.tokens, expected2);
 
+    // A transfer that stalls past its deadline: local again, the blocks
+    // reserved for it freed, and the prefill worker's side of it cancelled.
+    let sd = find("decode-slow");
+    let mut sc = client_tls.worker_client(&sd.grpc_addr).expect("client");
+    let late = generate(&mut sc, request("s1", &prompt2, Some(target.clone()))).await;
+    assert_eq!(late.prefilled.mode, "local");
+    assert!(!late.prefilled.fallback_reason.is_empty());
+    assert_eq!(late.tokens, expected2);
+    eventually(
+        "the slow worker's blocks to be freed",
+        Duration::from_secs(5),
+        || {
+            let mut sc = sc.clone();
+            async move {
+                sc.load(LoadRequest {})
+                    .await
+                    .expect("load")
+                    .into_inner()
+                    .kv_blocks_used
+                    == 0
+            }
+        },
+    )
+    .await;
+    eventually(
+        "the abandoned prefill to stop",
+        Duration::from_secs(5),
+        || {
+            let mut pc = pc.clone();
+            async move {
+                pc.load(LoadRequest {})
+                    .await
+                    .expect("load")
+                    .into_inner()
+                    .running
+                    == 0
+            }
+        },
+    )
+    .await;
+    // The prefill worker still serves the healthy decode worker.
+    let prompt3 = chat_prompt(
+        &reference_engine,
+        "What makes the sky look blue at noon and red at sunset?",
+    );
+    let expected3 = reference(&reference_engine, &prompt3).await;
+    let again = generate(&mut dc, request("r2", &prompt3, Some(target.clone()))).await;
+    assert_eq!(again.prefilled.mode, "remote", "{:?}", again.prefilled);
+    assert_eq!(again.tokens, expected3);
+    slow.stop();
+    slow.stopped().await;
+
+    // `--echo` answers without the model: the last prompt token, max_tokens times.
+    let echo_dir = identity_dir(&ca, &root, "decode-echo");
+    let (stop, down) = shutdown();
+    let mut echo_args = DecodeArgs::new(common(&store_url, echo_dir, "decode-echo"));
+    echo_args.echo = true;
+    let mut echo = Node {
+        stop: Some(stop),
+        task: tokio::spawn(tandem_decode_worker::run(echo_args, down)),
+    };
+    let echo_key = keys::instance(CLUSTER, Role::Decode, "decode-echo");
+    eventually("the echo worker", Duration::from_secs(60), || async {
+        store.get(&echo_key).await.expect("get").is_some()
+    })
+    .await;
+    let kv = store
+        .get(&echo_key)
+        .await
+        .expect("get")
+        .expect("registered");
+    let ed = InstanceInfo::from_json(&kv.key, &kv.value).expect("registration");
+    let mut ec = client_tls.worker_client(&ed.grpc_addr).expect("client");
+    let echoed = generate(&mut ec, request("e1", &prompt, None)).await;
+    assert_eq!(
+        echoed.tokens,
+        vec![prompt[prompt.len() - 1]; OUT_TOKENS as usize]
+    );
+    assert_eq!(echoed.reason, "length");
+    echo.stop();
+    echo.stopped().await;
+
     // (d) KV events report the stored blocks, and the snapshot lists them.
     let mut stored = Vec::new();
     while stored.len() < blocks as usize - 1 {
@@ -391,17 +483,17 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     let (code, metrics) = http_get(&d.http_addr, "/metrics").await;
     assert_eq!(code, 200);
     for line in [
-        "tandem_worker_remote_prefills_total 1",
+        "tandem_worker_remote_prefills_total 2",
         "tandem_worker_local_fallbacks_total{reason=\"unreachable\"} 1",
-        "tandem_worker_requests_total 3",
+        "tandem_worker_requests_total 4",
         "tandem_worker_kv_blocks_total 128",
-        "tandem_worker_ttft_seconds_count 3",
+        "tandem_worker_ttft_seconds_count 4",
         "tandem_kv_transfer_received_bytes_total",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
     let (_, pm) = http_get(&p.http_addr, "/metrics").await;
-    assert!(pm.contains("tandem_worker_requests_total 1"), "{pm}");
+    assert!(pm.contains("tandem_worker_requests_total 2"), "{pm}");
 
     // A client that goes away cancels its sequence.
     let mut long = request("c1", &prompt2, None);
