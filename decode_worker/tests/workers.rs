@@ -181,6 +181,15 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// The tokens a worker's engine has computed, from its `/metrics`.
+async fn computed_tokens(http_addr: &str) -> u64 {
+    let (_, body) = http_get(http_addr, "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("tandem_worker_computed_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tandem_worker_computed_tokens_total")
+}
+
 async fn registrations(store: &MemStore) -> Vec<InstanceInfo> {
     let (kvs, _) = store.list(&keys::instances(CLUSTER)).await.expect("list");
     kvs.iter()
@@ -516,6 +525,71 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
                     .expect("load")
                     .into_inner()
                     .running
+                    == 0
+            }
+        },
+    )
+    .await;
+
+    // A client that goes away during a remote prefill cancels it on the
+    // prefill worker too: it stops computing long before the prompt's end.
+    let long_prompt: Vec<u32> = (0..1900u32).map(|i| 100 + (i * 7 + 3) % 5000).collect();
+    let before = computed_tokens(&p.http_addr).await;
+    let stream = dc
+        .generate(request("c2", &long_prompt, Some(target.clone())))
+        .await
+        .expect("generate")
+        .into_inner();
+    eventually(
+        "the remote prefill to start",
+        Duration::from_secs(10),
+        || {
+            let mut pc = pc.clone();
+            async move {
+                pc.load(LoadRequest {})
+                    .await
+                    .expect("load")
+                    .into_inner()
+                    .running
+                    == 1
+            }
+        },
+    )
+    .await;
+    drop(stream);
+    eventually(
+        "the prefill worker to stop",
+        Duration::from_secs(10),
+        || {
+            let mut pc = pc.clone();
+            async move {
+                pc.load(LoadRequest {})
+                    .await
+                    .expect("load")
+                    .into_inner()
+                    .running
+                    == 0
+            }
+        },
+    )
+    .await;
+    let computed = computed_tokens(&p.http_addr).await - before;
+    assert!(
+        computed < long_prompt.len() as u64 - 512,
+        "the prefill worker computed {computed} of {} tokens",
+        long_prompt.len() - 1
+    );
+    eventually(
+        "the decode worker's reserved blocks freed",
+        Duration::from_secs(15),
+        || {
+            let mut dc = dc.clone();
+            async move {
+                dc.load(LoadRequest {})
+                    .await
+                    .expect("load")
+                    .into_inner()
+                    .kv_blocks_used
                     == 0
             }
         },

@@ -203,6 +203,12 @@ impl WorkerMetrics {
             "Engine steps run.",
             load.steps.to_string(),
         );
+        metric(
+            "counter",
+            "tandem_worker_computed_tokens_total",
+            "Tokens the engine computed (prompt and generated).",
+            load.tokens_computed.to_string(),
+        );
         let name = "tandem_worker_local_fallbacks_total";
         let _ = writeln!(
             out,
