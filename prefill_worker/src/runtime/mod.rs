@@ -40,6 +40,9 @@ pub type GenerateStream =
 
 /// How long the servers get to close their connections after the drain.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a shutdown waits on the store for each of its writes: an
+/// unreachable store must not hold the process up (the lease expires anyway).
+const STORE_GRACE: Duration = Duration::from_secs(3);
 
 /// Flags every worker takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -496,15 +499,17 @@ where
     if let Some(reason) = failed {
         stop.cancel();
         worker.stopping.cancel();
-        let _ = registration.deregister().await;
+        let _ = tokio::time::timeout(STORE_GRACE, registration.deregister()).await;
         anyhow::bail!(reason);
     }
 
     // Drain: no new work, finish what is in flight, leave the cluster, stop.
     tracing::info!(%id, in_flight = worker.in_flight(), "draining");
     worker.draining.store(true, Ordering::SeqCst);
-    if let Err(e) = registration.set_state(WorkerState::Draining).await {
-        tracing::warn!(error = %e, "cannot mark the registration draining");
+    match tokio::time::timeout(STORE_GRACE, registration.set_state(WorkerState::Draining)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot mark the registration draining"),
+        Err(_) => tracing::warn!("the store did not take the draining state in {STORE_GRACE:?}"),
     }
     let drain_timeout = Duration::from_secs(args.drain_timeout);
     if !worker.drained(drain_timeout).await {
@@ -513,8 +518,12 @@ where
             "drain timeout of {drain_timeout:?} passed; stopping anyway"
         );
     }
-    if let Err(e) = registration.deregister().await {
-        tracing::warn!(error = %e, "cannot deregister (the lease expires by itself)");
+    match tokio::time::timeout(STORE_GRACE, registration.deregister()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot deregister (the lease expires by itself)"),
+        Err(_) => tracing::warn!(
+            "the store did not answer the deregistration in {STORE_GRACE:?}; the lease expires by itself"
+        ),
     }
     worker.stopping.cancel();
     stop.cancel();
