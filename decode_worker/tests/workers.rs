@@ -663,3 +663,67 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     store_task.await.expect("store task").expect("store stops");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The real binary: registers, serves `/health`, and on SIGTERM drains,
+/// deregisters and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decode_binary_drains_and_deregisters_on_sigterm() {
+    let store = MemStore::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let store_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (store_stop, store_shutdown) = shutdown();
+    let store_task = tokio::spawn(serve(store.clone(), listener, store_shutdown));
+    let root = std::env::temp_dir().join(format!("tandem-workers-proc-{}", std::process::id()));
+    let ca = ClusterCa::generate("tandem process test").expect("CA");
+    let dir = identity_dir(&ca, &root, "decode-p");
+    let model = test_model_path();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem-decode"))
+        .args([
+            "--store",
+            &store_url,
+            "--cluster",
+            "wproc",
+            "--id",
+            "decode-p",
+        ])
+        .args(["--threads", "1", "--kv-blocks", "64", "--tls-dir"])
+        .arg(&dir)
+        .arg("--model")
+        .arg(&model)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tandem-decode");
+    let key = keys::instance("wproc", Role::Decode, "decode-p");
+    eventually(
+        "the process to register",
+        Duration::from_secs(60),
+        || async { store.get(&key).await.expect("get").is_some() },
+    )
+    .await;
+    let kv = store.get(&key).await.expect("get").expect("registered");
+    let info = InstanceInfo::from_json(&kv.key, &kv.value).expect("registration");
+    assert_eq!(http_get(&info.http_addr, "/health").await.0, 200);
+
+    let pid = child.id().expect("pid").to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        store.get(&key).await.expect("get").is_none(),
+        "deregistered"
+    );
+
+    let _ = store_stop.send(());
+    store_task.await.expect("store task").expect("store stops");
+    let _ = std::fs::remove_dir_all(&root);
+}
