@@ -8,6 +8,8 @@
 //! The process around it (engine, gRPC service, registration, metrics, drain)
 //! is the shared [`tandem_prefill_worker::runtime`].
 
+#![warn(missing_docs)]
+
 mod generate;
 
 use std::future::Future;
@@ -19,6 +21,7 @@ pub use tandem_prefill_worker::shutdown_signal;
 /// The decode worker's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DecodeArgs {
+    /// The flags every worker takes.
     #[command(flatten)]
     pub common: CommonArgs,
     /// Where to receive KV transfers over QUIC (port 0 picks one).

@@ -6,6 +6,8 @@
 //! `Worker` gRPC service, registration, metrics, drain); the decode worker
 //! builds on it with its own [`runtime::RoleService`].
 
+#![warn(missing_docs)]
+
 mod prefill;
 pub mod runtime;
 
@@ -16,6 +18,7 @@ pub use runtime::shutdown_signal;
 /// The prefill worker's flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PrefillArgs {
+    /// The flags every worker takes.
     #[command(flatten)]
     pub common: runtime::CommonArgs,
 }

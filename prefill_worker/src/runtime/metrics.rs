@@ -85,7 +85,9 @@ pub struct WorkerMetrics {
     pub requests: AtomicU64,
     /// Requests that failed or were refused.
     pub request_errors: AtomicU64,
+    /// Prompt tokens of served requests.
     pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Prompts whose KV a prefill worker computed.
     pub remote_prefills: AtomicU64,

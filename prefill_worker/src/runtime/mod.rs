@@ -200,9 +200,13 @@ pub fn engine_status(e: &EngineError) -> Status {
 pub struct Worker {
     /// This worker's id in the cluster.
     pub id: String,
+    /// Prefill or decode.
     pub role: Role,
+    /// The model runtime.
     pub engine: Arc<Engine>,
+    /// The node's cluster identity (gRPC and QUIC mTLS).
     pub tls: ClusterTls,
+    /// Request counters and latency histograms.
     pub metrics: WorkerMetrics,
     /// KV transfer counters (sent on prefill workers, received on decode workers).
     pub transfer_metrics: Arc<TransferMetrics>,
