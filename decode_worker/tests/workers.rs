@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 const CLUSTER: &str = "wtest";
-const KV_BLOCKS: usize = 128;
+const KV_BLOCKS: usize = 256;
 const OUT_TOKENS: u32 = 16;
 
 struct Node {
@@ -495,7 +495,7 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         "tandem_worker_remote_prefills_total 2",
         "tandem_worker_local_fallbacks_total{reason=\"unreachable\"} 1",
         "tandem_worker_requests_total 4",
-        "tandem_worker_kv_blocks_total 128",
+        "tandem_worker_kv_blocks_total 256",
         "tandem_worker_ttft_seconds_count 4",
         "tandem_kv_transfer_received_bytes_total",
     ] {
@@ -533,7 +533,7 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
 
     // A client that goes away during a remote prefill cancels it on the
     // prefill worker too: it stops computing long before the prompt's end.
-    let long_prompt: Vec<u32> = (0..1900u32).map(|i| 100 + (i * 7 + 3) % 5000).collect();
+    let long_prompt: Vec<u32> = (0..3600u32).map(|i| 100 + (i * 7 + 3) % 5000).collect();
     let before = computed_tokens(&p.http_addr).await;
     let stream = dc
         .generate(request("c2", &long_prompt, Some(target.clone())))
@@ -556,6 +556,7 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         },
     )
     .await;
+    let at_drop = computed_tokens(&p.http_addr).await - before;
     drop(stream);
     eventually(
         "the prefill worker to stop",
@@ -574,9 +575,10 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     )
     .await;
     let computed = computed_tokens(&p.http_addr).await - before;
+    // The engine sees the cancel between steps of at most 512 tokens.
     assert!(
-        computed < long_prompt.len() as u64 - 512,
-        "the prefill worker computed {computed} of {} tokens",
+        computed < long_prompt.len() as u64 - 1 && computed <= at_drop + 1024,
+        "the prefill worker computed {computed} of {} tokens ({at_drop} when the client left)",
         long_prompt.len() - 1
     );
     eventually(
