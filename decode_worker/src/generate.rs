@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::DecodeArgs;
 
@@ -74,9 +75,9 @@ impl Fallback {
     fn from_status(target: &PrefillTarget, s: Status) -> Self {
         let worker = target.worker_id.clone();
         let reason = format!("{:?}: {}", s.code(), s.message());
+        // UNAVAILABLE: no connection, or the worker is draining.
         match s.code() {
             Code::Unavailable => Self::Unreachable { worker, reason },
-            Code::DeadlineExceeded => Self::PrefillFailed { worker, reason },
             _ => Self::PrefillFailed { worker, reason },
         }
     }
@@ -196,10 +197,11 @@ impl RoleService for DecodeService {
         let cancel = CancellationToken::new();
         let guard = cancel.clone().drop_guard();
         let inner = self.inner.clone();
+        let span = tracing::info_span!("generate", request = %req.request_id);
         if inner.echo {
-            tokio::spawn(async move { inner.echo(req, tx).await });
+            tokio::spawn(async move { inner.echo(req, tx).await }.instrument(span));
         } else {
-            tokio::spawn(async move { inner.run(req, request, tx, cancel).await });
+            tokio::spawn(async move { inner.run(req, request, tx, cancel).await }.instrument(span));
         }
         Ok(Box::pin(Cancelling {
             inner: ReceiverStream::new(rx),

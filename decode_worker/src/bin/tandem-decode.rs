@@ -4,9 +4,9 @@ use clap::Parser;
 use tandem_decode_worker::{DecodeArgs, run, shutdown_signal};
 use tandem_prefill_worker::runtime;
 
-/// Runs a tandem decode worker.
+/// A tandem decode worker: generates tokens, prefilling locally or on a prefill worker.
 #[derive(Parser)]
-#[command(name = "tandem-decode", version, about)]
+#[command(name = "tandem-decode", version)]
 struct Cli {
     #[command(flatten)]
     args: DecodeArgs,

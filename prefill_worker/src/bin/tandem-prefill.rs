@@ -3,9 +3,9 @@
 use clap::Parser;
 use tandem_prefill_worker::{PrefillArgs, run, runtime, shutdown_signal};
 
-/// Runs a tandem prefill worker.
+/// A tandem prefill worker: computes prompts' KV and streams it to decode workers.
 #[derive(Parser)]
-#[command(name = "tandem-prefill", version, about)]
+#[command(name = "tandem-prefill", version)]
 struct Cli {
     #[command(flatten)]
     args: PrefillArgs,
