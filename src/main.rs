@@ -50,6 +50,10 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Run a prefill worker (computes prompts' KV and streams it to decode workers).
+    Prefill(tandem_prefill_worker::PrefillArgs),
+    /// Run a decode worker (generates tokens, prefilling locally or on a prefill worker).
+    Decode(tandem_decode_worker::DecodeArgs),
 }
 
 #[derive(Subcommand)]
@@ -302,6 +306,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Router(a),
         } => tandem::bench_router::run(&a)?,
+        Command::Prefill(a) => worker_runtime()?.block_on(tandem_prefill_worker::run(
+            a,
+            tandem_prefill_worker::shutdown_signal(),
+        ))?,
+        Command::Decode(a) => worker_runtime()?.block_on(tandem_decode_worker::run(
+            a,
+            tandem_decode_worker::shutdown_signal(),
+        ))?,
     }
     Ok(())
+}
+
+/// The async runtime a worker process runs on.
+fn worker_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }

@@ -8,15 +8,19 @@
 //! - [`serve`] offers a `MemStore` to other processes over gRPC, and
 //!   [`RemoteStore`] is the client: a process talks to the cluster's store
 //!   through it, and its watches reconnect and resume where they left off.
+//! - [`Registration`] keeps a process's [`tandem_protocol::InstanceInfo`]
+//!   under a lease for as long as it serves, across store outages.
 
 mod etcd;
 mod mem;
+mod registration;
 mod remote;
 mod service;
 mod store;
 
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
+pub use registration::{DEFAULT_LEASE_TTL, Registration};
 pub use remote::RemoteStore;
 pub use service::serve;
 pub use store::{

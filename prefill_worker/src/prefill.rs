@@ -1,0 +1,144 @@
+//! The Prefill call: compute the tokens' KV and stream it into the caller's
+//! reserved blocks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_engine::engine::{KvStream, Request, TokenEvent, Usage};
+use tandem_kv_transfer::quic::{QuicPeer, QuicTransport};
+use tandem_kv_transfer::{Session, TransferDescriptor, TransferError, Transport, send_kv_stream};
+use tandem_protocol::grpc::worker::{PrefillRequest, PrefillResponse};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::runtime::{EngineRequestGuard, RoleService, Worker, engine_status};
+
+/// The transfer deadline when the caller gives none.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The prefill role: one QUIC client endpoint, one connection per decode worker.
+pub(crate) struct PrefillService {
+    worker: Arc<Worker>,
+    transport: QuicTransport,
+}
+
+impl PrefillService {
+    pub(crate) fn new(worker: Arc<Worker>) -> anyhow::Result<Self> {
+        let transport = QuicTransport::new(
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            worker.tls.node_identity(),
+            worker.transfer_metrics.clone(),
+        )
+        .context("starting the KV transfer client")?;
+        Ok(Self { worker, transport })
+    }
+}
+
+fn transfer_status(e: TransferError) -> Status {
+    match e {
+        TransferError::Connect { .. } => Status::unavailable(e.to_string()),
+        TransferError::DeadlineExceeded { .. } => Status::deadline_exceeded(e.to_string()),
+        _ => Status::aborted(e.to_string()),
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, Status> {
+    let bad = |why: String| Status::invalid_argument(format!("KV endpoint {addr:?}: {why}"));
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address".into()))
+}
+
+/// Waits for the end of the (one-token) request and returns its usage.
+async fn usage(mut events: mpsc::UnboundedReceiver<TokenEvent>) -> Result<Usage, Status> {
+    while let Some(ev) = events.recv().await {
+        if let TokenEvent::Finished { usage, .. } = ev {
+            return Ok(usage);
+        }
+    }
+    Err(Status::internal("the engine stopped"))
+}
+
+impl RoleService for PrefillService {
+    async fn prefill(&self, req: PrefillRequest) -> Result<PrefillResponse, Status> {
+        let engine = &self.worker.engine;
+        let desc: TransferDescriptor = serde_json::from_str(&req.descriptor_json)
+            .map_err(|e| Status::invalid_argument(format!("descriptor_json: {e}")))?;
+        if desc.layout != engine.kv_layout() {
+            return Err(Status::failed_precondition(format!(
+                "the receiver's KV layout {:?} differs from this worker's {:?} (another model?)",
+                desc.layout,
+                engine.kv_layout()
+            )));
+        }
+        if desc.tokens != req.tokens.len() {
+            return Err(Status::invalid_argument(format!(
+                "the descriptor covers {} tokens, the request has {}",
+                desc.tokens,
+                req.tokens.len()
+            )));
+        }
+        let endpoint = req
+            .endpoint
+            .ok_or_else(|| Status::invalid_argument("the KV endpoint is missing"))?;
+        let peer = QuicPeer {
+            addr: resolve(&endpoint.addr).await?,
+            server_name: endpoint.server_name,
+        };
+        let deadline = match req.deadline_ms {
+            0 => DEFAULT_DEADLINE,
+            ms => Duration::from_millis(ms.into()),
+        };
+        let prompt_tokens = req.tokens.len() as u64;
+        let work = async {
+            let session = self
+                .transport
+                .connect(&peer)
+                .await
+                .map_err(transfer_status)?;
+            let writer = session.open(&desc).await.map_err(transfer_status)?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut request = Request::new(req.tokens, 1);
+            request.kv_stream = Some(KvStream {
+                skip_blocks: desc.first_block,
+                tx,
+            });
+            let handle = engine.submit(request).map_err(|e| engine_status(&e))?;
+            // The caller going away (the Prefill call dropped) cancels the prefill.
+            let mut guard = EngineRequestGuard::new(engine.clone(), handle.id);
+            let report = send_kv_stream(writer, rx).await.map_err(transfer_status)?;
+            let usage = usage(handle.events).await?;
+            guard.disarm();
+            Ok::<_, Status>(PrefillResponse {
+                bytes: report.bytes,
+                pieces: report.pieces as u64,
+                checksum: report.checksum,
+                cached_tokens: usage.cached_tokens as u32,
+            })
+        };
+        let response = tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "prefill and transfer of request {} took over {deadline:?}",
+                    req.request_id
+                ))
+            })?
+            .inspect_err(|e| {
+                tracing::warn!(request = %req.request_id, error = %e, "prefill failed");
+            })?;
+        let m = &self.worker.metrics;
+        m.requests.fetch_add(1, Ordering::Relaxed);
+        m.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        tracing::debug!(
+            request = %req.request_id, bytes = response.bytes, cached = response.cached_tokens,
+            "prefill sent"
+        );
+        Ok(response)
+    }
+}
