@@ -68,7 +68,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut xs: Vec<f64>) -> Self {
+    /// The percentiles of `xs` (all zero when empty).
+    pub fn of(mut xs: Vec<f64>) -> Self {
         if xs.is_empty() {
             return Self::default();
         }

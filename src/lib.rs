@@ -2,6 +2,7 @@
 //! argument parsing and dispatch.
 
 pub mod bench;
+pub mod bench_frontend;
 pub mod bench_router;
 pub mod bench_serve;
 pub mod bench_transfer;

@@ -99,6 +99,8 @@ enum BenchCommand {
     Router(tandem::bench_router::RouterBenchArgs),
     /// Load an OpenAI-compatible endpoint: TTFT, ITL, end-to-end latency, throughput.
     Serve(tandem::bench_serve::ServeBenchArgs),
+    /// The router's cost: CPU per request and added latency, against an echo worker.
+    Frontend(tandem::bench_frontend::FrontendBenchArgs),
 }
 
 #[derive(Args)]
@@ -303,6 +305,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Serve(a),
         } => tandem::bench_serve::run(&a)?,
+        Command::Bench {
+            command: BenchCommand::Frontend(a),
+        } => {
+            let model = ModelArg {
+                model: a.model.clone(),
+            }
+            .resolve()?;
+            tandem::bench_frontend::run(&a, &model)?;
+        }
         Command::Bench {
             command: BenchCommand::Router(a),
         } => tandem::bench_router::run(&a)?,

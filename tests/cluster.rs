@@ -322,7 +322,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
 
     // The first invariant.
     let prefill = c.instance("prefill-0");
-    let remote_before = c.metric(&prefill.http_addr, "tandem_prefill_requests_total");
+    let remote_before = c.metric(&prefill.http_addr, "tandem_worker_requests_total");
     let n = 24;
     for user in [
         format!("{LONG_SYSTEM} What does a prefill worker do?"),
@@ -334,7 +334,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         assert_eq!(disagg_text, expected, "disaggregated == tandem generate");
         assert_eq!(agg_text, expected, "aggregated == tandem generate");
     }
-    let remote_after = c.metric(&prefill.http_addr, "tandem_prefill_requests_total");
+    let remote_after = c.metric(&prefill.http_addr, "tandem_worker_requests_total");
     assert!(
         remote_after >= remote_before + 2.0,
         "the prefill worker computed the disaggregated prompts ({remote_before} -> {remote_after})"
@@ -349,7 +349,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
             .map(|i| {
                 (
                     i.id.clone(),
-                    c.metric(&i.http_addr, "tandem_decode_requests_total"),
+                    c.metric(&i.http_addr, "tandem_worker_requests_total"),
                 )
             })
             .collect()
