@@ -391,7 +391,7 @@ async fn deregistered_workers_leave_routing_and_none_left_is_a_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_cancels_the_workers_stream() {
     let store = TestStore::start().await;
-    let d0 = FakeWorker::start("d0", Script::Forever).await;
+    let d0 = FakeWorker::start("d0", Script::Slow(u32::MAX)).await;
     store.register(&d0, Role::Decode).await;
     let router = TestRouter::start(args(&store)).await;
     router.wait_for_decode_workers(1).await;
@@ -430,4 +430,91 @@ async fn a_client_that_goes_away_cancels_the_workers_stream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_streams_finish_then_deregisters() {
+    let store = TestStore::start().await;
+    let d0 = FakeWorker::start("d0", Script::Slow(30)).await;
+    store.register(&d0, Role::Decode).await;
+    let mut a = args(&store);
+    a.id = Some("r-drain".into());
+    let router = TestRouter::start(a).await;
+    router.wait_for_decode_workers(1).await;
+    let key = keys::instance(CLUSTER, Role::Router, "r-drain");
+    assert!(store.store.get(&key).await.expect("store").is_some());
+
+    let mut r = router
+        .client
+        .post(format!("{}/v1/chat/completions", router.url))
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 64,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut text = String::new();
+    let chunk = r.chunk().await.expect("a chunk").expect("data");
+    text.push_str(&String::from_utf8_lossy(&chunk));
+    let url = router.url.clone();
+    let stopping = tokio::spawn(router.stop());
+    while let Some(chunk) = r.chunk().await.expect("the stream goes on") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains("t29 ") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    stopping.await.expect("router stopped");
+    assert_eq!(
+        d0.cancelled.load(Ordering::SeqCst),
+        0,
+        "the open stream was not cut"
+    );
+    assert!(
+        store.store.get(&key).await.expect("store").is_none(),
+        "deregistered"
+    );
+    assert!(
+        reqwest::get(format!("{url}/health")).await.is_err(),
+        "no longer listening"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_reached_over_mutual_tls_with_the_cluster_identity() {
+    let dirs = identities(&["decode-0", "router-0"]);
+    let store = TestStore::start().await;
+    let d0 = FakeWorker::start_tls("decode-0", Script::Tokens(2), &dirs[0]).await;
+    store
+        .register_at(
+            "decode-0",
+            &d0.tls_url(),
+            Role::Decode,
+            WorkerState::Serving,
+        )
+        .await;
+    let mut a = args(&store);
+    a.tls_dir = Some(dirs[1].clone());
+    let router = TestRouter::start(a).await;
+    router.wait_for_decode_workers(1).await;
+    let (status, body) = router.chat("Hi", 2).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "t0 t1 ");
+    eventually("KV events over TLS", || d0.subscribers() == 1).await;
+    router.stop().await;
+
+    // Without the cluster identity the worker cannot be reached.
+    let plain = TestRouter::start(args(&store)).await;
+    let (status, _) = plain.chat("Hi", 2).await;
+    assert!(
+        status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::NOT_FOUND,
+        "{status}"
+    );
+    assert_eq!(d0.requests().len(), 1);
+    plain.stop().await;
 }

@@ -11,9 +11,7 @@ use tokio::sync::watch;
 use super::cluster::{Cluster, Model, parse_card, parse_instance};
 
 /// A registration's time to live.
-const LEASE_TTL: Duration = Duration::from_secs(10);
-/// How often the router's lease is renewed (well inside the TTL).
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(3);
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(10);
 /// Longest wait between attempts to reach the store.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -140,15 +138,17 @@ fn spawn_model_load<S: Store>(
     });
 }
 
-/// Keeps `info` registered at `key` under a lease until `stop` fires, then
-/// revokes the lease. Re-registers when the lease was lost (store restarted or
-/// the router was cut off past the TTL).
+/// Keeps `info` registered at `key` under a lease of `ttl` (renewed three times
+/// per TTL) until `stop` fires, then revokes the lease. Re-registers when the
+/// lease was lost (store restarted or the router was cut off past the TTL).
 pub(crate) async fn keep_registered<S: Store>(
     store: S,
     key: String,
     info: InstanceInfo,
+    ttl: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let keepalive_every = ttl / 3;
     let value = match serde_json::to_vec(&info) {
         Ok(v) => v,
         Err(e) => {
@@ -170,7 +170,7 @@ pub(crate) async fn keep_registered<S: Store>(
                     Ok(()) => Ok(id),
                 },
                 None => {
-                    let id = store.lease_grant(LEASE_TTL).await.map_err(Some)?;
+                    let id = store.lease_grant(ttl).await.map_err(Some)?;
                     store
                         .put(&key, value.clone(), Some(id))
                         .await
@@ -184,7 +184,7 @@ pub(crate) async fn keep_registered<S: Store>(
             Ok(id) => {
                 lease = Some(id);
                 backoff = Duration::from_millis(100);
-                KEEPALIVE_EVERY
+                keepalive_every
             }
             Err(e) => {
                 if let Some(e) = e {
@@ -206,5 +206,65 @@ pub(crate) async fn keep_registered<S: Store>(
             Ok(()) => tracing::info!(key = %key, "router deregistered"),
             Err(e) => tracing::warn!(error = %e, "cannot deregister; the lease will expire"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_control_plane::MemStore;
+    use tandem_protocol::{Role, WorkerState};
+
+    fn router_info() -> InstanceInfo {
+        InstanceInfo {
+            id: "r0".into(),
+            role: Role::Router,
+            model: String::new(),
+            grpc_addr: String::new(),
+            http_addr: "127.0.0.1:8080".into(),
+            kv_addr: None,
+            kv_server_name: None,
+            kv_blocks: 0,
+            max_sequences: 0,
+            state: WorkerState::Serving,
+            version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_survives_a_lost_lease_and_is_revoked_at_stop() {
+        let store = MemStore::new();
+        let key = keys::instance("c", Role::Router, "r0");
+        let (stop, stopped) = watch::channel(false);
+        let ttl = Duration::from_millis(300);
+        let task = tokio::spawn(keep_registered(
+            store.clone(),
+            key.clone(),
+            router_info(),
+            ttl,
+            stopped,
+        ));
+        let registered = || async {
+            store
+                .get(&key)
+                .await
+                .expect("store")
+                .map(|kv| (kv.lease, InstanceInfo::from_json(&kv.key, &kv.value)))
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (lease, info) = registered().await.expect("registered");
+        assert_eq!(info, Ok(router_info()));
+        // Kept alive well past the TTL.
+        tokio::time::sleep(ttl * 4).await;
+        assert_eq!(registered().await.map(|r| r.0), Some(lease));
+        // The lease is lost (e.g. the store restarted): the router registers again.
+        store.lease_revoke(lease).await.expect("revoked");
+        assert!(registered().await.is_none());
+        tokio::time::sleep(ttl).await;
+        let (again, _) = registered().await.expect("registered again");
+        assert_ne!(again, lease);
+        stop.send(true).expect("task listens");
+        task.await.expect("task ends");
+        assert!(registered().await.is_none(), "revoked at stop");
     }
 }

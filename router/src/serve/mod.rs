@@ -123,6 +123,7 @@ impl RouterProcess {
                 store,
                 keys::instance(&args.cluster, Role::Router, &id),
                 registration,
+                membership::LEASE_TTL,
                 stopped,
             )),
         ];

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use tandem_router::serve::{RouterArgs, RouterProcess};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 /// The served model's name.
@@ -50,8 +52,8 @@ pub enum Script {
     FailBeforeFirst,
     /// One token, then an error.
     FailAfterFirst,
-    /// Tokens every 10 ms until the caller goes away.
-    Forever,
+    /// This many tokens, one every 10 ms (`u32::MAX`: until the caller goes away).
+    Slow(u32),
 }
 
 /// A fake worker's recorded state.
@@ -126,10 +128,10 @@ impl Worker for Service {
                     return;
                 }
                 Script::Tokens(n) => n.min(max_tokens.max(1)),
-                Script::Forever => u32::MAX,
+                Script::Slow(n) => n,
             };
             for i in 0..n {
-                if script == Script::Forever {
+                if matches!(script, Script::Slow(_)) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 if tx.send(token(i)).await.is_err() {
@@ -192,6 +194,20 @@ impl Worker for Service {
 impl FakeWorker {
     /// Starts a fake worker on an ephemeral port.
     pub async fn start(id: &str, script: Script) -> Arc<Self> {
+        Self::start_with(id, script, None).await
+    }
+
+    /// Starts a fake worker serving mTLS with the identity in `tls_dir`
+    /// (`ca.pem`, `node.pem`, `node.key`), requiring a client certificate.
+    pub async fn start_tls(id: &str, script: Script, tls_dir: &Path) -> Arc<Self> {
+        let read = |f: &str| std::fs::read(tls_dir.join(f)).expect("identity file");
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read("node.pem"), read("node.key")))
+            .client_ca_root(Certificate::from_pem(read("ca.pem")));
+        Self::start_with(id, script, Some(tls)).await
+    }
+
+    async fn start_with(id: &str, script: Script, tls: Option<ServerTlsConfig>) -> Arc<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -205,8 +221,12 @@ impl FakeWorker {
             stop: Mutex::new(Some(stop)),
         });
         let service = Service(worker.clone());
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).expect("TLS config");
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(WorkerServer::new(service))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stopped.await;
@@ -220,6 +240,11 @@ impl FakeWorker {
     /// The gRPC address, as registered.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The gRPC address of a TLS worker.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// The Generate requests received so far.
@@ -447,6 +472,32 @@ impl TestRouter {
             t.await.expect("router task").expect("router stops cleanly");
         }
     }
+}
+
+/// A fresh cluster CA and, per name, a directory with that node's identity
+/// (valid for the name and 127.0.0.1), as `tandem up` lays them out.
+pub fn identities(names: &[&str]) -> Vec<PathBuf> {
+    let ca = tandem_kv_transfer::tls::ClusterCa::generate("test cluster").expect("CA");
+    let root = std::env::temp_dir().join(format!(
+        "tandem-router-tls-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    ));
+    names
+        .iter()
+        .map(|name| {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).expect("identity dir");
+            ca.issue(&[name, "localhost", "127.0.0.1"])
+                .expect("node identity")
+                .write_files(&dir)
+                .expect("identity files");
+            dir
+        })
+        .collect()
 }
 
 /// Polls `check` until it holds (or fails the test after 10 s).
