@@ -471,13 +471,19 @@ impl Cluster {
 
     // ----- reporting -----
 
-    /// Serving decode and prefill workers.
+    /// Decode and prefill workers that can take requests now: serving, reachable,
+    /// and of a model whose tokenizer is loaded.
     pub(crate) fn serving_counts(&self) -> (usize, usize) {
         let st = self.lock();
         let count = |role| {
             st.workers
                 .values()
-                .filter(|w| w.info.role == role && !w.draining() && !w.suspect)
+                .filter(|w| {
+                    w.info.role == role
+                        && !w.draining()
+                        && !w.suspect
+                        && matches!(st.models.get(&w.info.model), Some(ModelSlot::Ready(_)))
+                })
                 .count()
         };
         (count(Role::Decode), count(Role::Prefill))
@@ -720,6 +726,11 @@ mod tests {
         assert_eq!(
             c.place("m", 64, &hashes, 16, &[]).err(),
             Some(PlaceError::UnknownModel("m".into()))
+        );
+        assert_eq!(
+            c.serving_counts(),
+            (0, 0),
+            "not ready before the tokenizer is"
         );
         ready(&c, "m");
         assert_eq!(c.served_models().len(), 1);
