@@ -518,3 +518,44 @@ async fn workers_are_reached_over_mutual_tls_with_the_cluster_identity() {
     assert_eq!(d0.requests().len(), 1);
     plain.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_goes_on_while_the_store_is_unreachable_and_catches_up_after() {
+    let store = TestStore::start().await;
+    let link = StoreLink::start(&store).await;
+    let d0 = FakeWorker::start("d0", Script::Tokens(1)).await;
+    let d1 = FakeWorker::start("d1", Script::Tokens(1)).await;
+    store.register(&d0, Role::Decode).await;
+    let mut a = args(&store);
+    a.store = link.url.clone();
+    a.policy = Policy::RoundRobin;
+    let router = TestRouter::start(a).await;
+    router.wait_for_decode_workers(1).await;
+
+    link.cut();
+    // A worker joins while the router cannot see the store.
+    store.register(&d1, Role::Decode).await;
+    for _ in 0..3 {
+        let (status, body) = router.chat("Hi", 1).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        d0.requests().len(),
+        3,
+        "the last known worker keeps serving"
+    );
+    router.wait_for_decode_workers(1).await;
+
+    // The store is back: the watch resumes and the router learns of d1.
+    link.restore().await;
+    router.wait_for_decode_workers(2).await;
+    for _ in 0..4 {
+        let (status, _) = router.chat("Hi", 1).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert!(
+        !d1.requests().is_empty(),
+        "the worker that joined during the outage is routed to"
+    );
+    router.stop().await;
+}

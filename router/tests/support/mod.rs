@@ -371,6 +371,73 @@ impl TestStore {
     }
 }
 
+/// A TCP proxy in front of the store that can cut every connection and refuse
+/// new ones, then come back on the same address: a store outage as its clients see it.
+pub struct StoreLink {
+    pub url: String,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl StoreLink {
+    pub async fn start(store: &TestStore) -> Self {
+        let upstream: SocketAddr = store
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("store address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let link = Self {
+            url: format!("http://{addr}"),
+            addr,
+            upstream,
+            task: Mutex::new(None),
+        };
+        link.serve(listener);
+        link
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let upstream = self.upstream;
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            // Dropping the set (when this task is aborted) cuts every connection.
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        *self.task.lock().expect("lock") = Some(task);
+    }
+
+    /// Cuts every connection and stops listening.
+    pub fn cut(&self) {
+        if let Some(t) = self.task.lock().expect("lock").take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn restore(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot listen again: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+}
+
 /// A running router process.
 pub struct TestRouter {
     pub url: String,
