@@ -559,3 +559,27 @@ async fn routing_goes_on_while_the_store_is_unreachable_and_catches_up_after() {
     );
     router.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_the_api_but_not_health_and_metrics() {
+    let store = TestStore::start().await;
+    let d0 = FakeWorker::start("d0", Script::Tokens(1)).await;
+    store.register(&d0, Role::Decode).await;
+    let mut a = args(&store);
+    a.api_keys = vec!["sesame".into()];
+    let router = TestRouter::start(a).await;
+    router.wait_for_decode_workers(1).await;
+    let models = format!("{}/v1/models", router.url);
+    let r = router.client.get(&models).send().await.expect("sent");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = router
+        .client
+        .get(&models)
+        .bearer_auth("sesame")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(router.metric("tandem_router_index_bytes").await > 0.0);
+    router.stop().await;
+}

@@ -15,6 +15,7 @@ use tandem_openai::{
 use tandem_protocol::grpc::worker::generate_response::Event;
 use tandem_protocol::grpc::worker::{self as pb, GenerateResponse};
 use tonic::{Code, Status, Streaming};
+use tracing::Instrument;
 
 use super::cluster::{Cluster, PlaceError, Placement};
 use super::metrics::Outcome;
@@ -256,6 +257,20 @@ impl Generator for ClusterGenerator {
     }
 
     async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, ApiError> {
+        let span = tracing::debug_span!(
+            "generate",
+            model = %request.model,
+            prompt_tokens = request.prompt.len(),
+            max_tokens = request.max_tokens,
+        );
+        self.start(request).instrument(span).await
+    }
+}
+
+impl ClusterGenerator {
+    /// Routes a generation and waits for its first token, retrying elsewhere
+    /// while none has come.
+    async fn start(&self, request: GenerateRequest) -> Result<TokenStream, ApiError> {
         let start = Instant::now();
         let mut timing = Timing {
             cluster: self.cluster.clone(),
