@@ -40,6 +40,9 @@ pub struct KvRouter {
     /// Blocks of requests in flight, by worker (only with `track_pending`).
     pending: KvIndex,
     pending_overlaps: Overlaps,
+    /// Scratch: the eligible candidates of a filtered route, and their positions.
+    eligible: Vec<Candidate>,
+    eligible_at: Vec<usize>,
 }
 
 impl KvRouter {
@@ -54,6 +57,8 @@ impl KvRouter {
             overlaps: Overlaps::default(),
             pending: KvIndex::new(),
             pending_overlaps: Overlaps::default(),
+            eligible: Vec::new(),
+            eligible_at: Vec::new(),
         }
     }
 
@@ -125,6 +130,17 @@ impl KvRouter {
     /// Picks a worker for a prompt whose full blocks hash to `hashes`, and counts the
     /// request against that worker until [`KvRouter::finished`]. `None` without workers.
     pub fn route(&mut self, request: RequestId, hashes: &[BlockHash]) -> Option<Decision> {
+        self.route_where(request, hashes, |_| true)
+    }
+
+    /// [`KvRouter::route`] among the workers `eligible` accepts (e.g. serving the
+    /// request's model, not draining, not already tried). `None` if it accepts none.
+    pub fn route_where(
+        &mut self,
+        request: RequestId,
+        hashes: &[BlockHash],
+        eligible: impl Fn(WorkerId) -> bool,
+    ) -> Option<Decision> {
         self.index.overlaps(hashes, &mut self.overlaps);
         for &(w, n) in &self.overlaps.scores {
             if let Some(&p) = self.position.get(&w) {
@@ -142,7 +158,21 @@ impl KvRouter {
             }
         }
         let prompt_blocks = hashes.len() as u32;
-        let chosen = self.selector.choose(prompt_blocks, &self.candidates);
+        let chosen = if self.candidates.iter().all(|c| eligible(c.worker)) {
+            self.selector.choose(prompt_blocks, &self.candidates)
+        } else {
+            self.eligible.clear();
+            self.eligible_at.clear();
+            for (i, c) in self.candidates.iter().enumerate() {
+                if eligible(c.worker) {
+                    self.eligible.push(*c);
+                    self.eligible_at.push(i);
+                }
+            }
+            self.selector
+                .choose(prompt_blocks, &self.eligible)
+                .and_then(|k| self.eligible_at.get(k).copied())
+        };
         let decision = chosen.map(|i| {
             let c = &mut self.candidates[i];
             let d = Decision {
@@ -208,6 +238,11 @@ impl KvRouter {
         }
     }
 
+    /// Whether `id` is routed to.
+    pub fn has_worker(&self, id: WorkerId) -> bool {
+        self.position.contains_key(&id)
+    }
+
     /// The router's view of each worker's load, in the order workers were added.
     pub fn loads(&self) -> &[Candidate] {
         &self.candidates
@@ -251,5 +286,36 @@ mod tests {
         assert!(r.loads().iter().all(|c| c.decode_blocks == 0));
         assert!(r.remove_worker(2));
         assert_eq!(r.route(3, &prompt).map(|d| d.overlap_blocks), Some(0));
+    }
+
+    #[test]
+    fn filtered_routes_skip_ineligible_workers_even_with_the_cache() {
+        let mut r = KvRouter::new(CostConfig::new(Policy::KvLoad), 0);
+        for w in 0..3 {
+            r.add_worker(w).expect("new worker");
+        }
+        let prompt: Vec<BlockHash> = (1..=8).map(BlockHash).collect();
+        let stored = KvEvent {
+            seq: 0,
+            kind: KvEventKind::Stored {
+                parent: None,
+                hashes: prompt.clone(),
+            },
+        };
+        r.apply_event(1, &stored).expect("in order");
+        assert_eq!(
+            r.route_where(1, &prompt, |_| true).map(|d| d.worker),
+            Some(1)
+        );
+        for req in 2..20 {
+            let d = r
+                .route_where(req, &prompt, |w| w != 1)
+                .expect("eligible workers");
+            assert_ne!(d.worker, 1);
+            assert_eq!(d.overlap_blocks, 0);
+            r.finished(req);
+        }
+        assert_eq!(r.route_where(30, &prompt, |_| false), None);
+        assert!(r.has_worker(2) && !r.has_worker(7));
     }
 }

@@ -9,11 +9,17 @@
 //! together with the per-request bookkeeping that load terms need. The simulator
 //! ([`sim`]) drives that same code with workers that keep the engine's real KV
 //! cache bookkeeping, so its prefix-reuse figures are the engine's.
+//!
+//! [`serve`] is the router process (`tandem-router`, `tandem router`): it follows
+//! the cluster's membership in the control-plane store, feeds each worker's KV
+//! events into the index, and serves the OpenAI API by routing each request to a
+//! decode worker (and, when it pays, a prefill worker) over gRPC.
 
 pub mod cost;
 pub mod index;
 mod kv_router;
 mod rng;
+pub mod serve;
 pub mod sim;
 mod table;
 
