@@ -323,11 +323,11 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .context("malformed /proc stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
+        fields
             .get(i)
             .context("short /proc stat")?
             .parse::<f64>()
-            .context("bad /proc stat field")?)
+            .context("bad /proc stat field")
     };
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after state.
     // SAFETY: sysconf has no preconditions.

@@ -54,6 +54,8 @@ enum Command {
     Prefill(tandem_prefill_worker::PrefillArgs),
     /// Run a decode worker (generates tokens, prefilling locally or on a prefill worker).
     Decode(tandem_decode_worker::DecodeArgs),
+    /// Run the router: the OpenAI API in front of the cluster's workers.
+    Router(tandem_router::serve::RouterArgs),
 }
 
 #[derive(Subcommand)]
@@ -318,6 +320,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: BenchCommand::Router(a),
         } => tandem::bench_router::run(&a)?,
         Command::Prefill(a) => worker_runtime()?.block_on(tandem_prefill_worker::run(
+            a,
+            tandem_prefill_worker::shutdown_signal(),
+        ))?,
+        Command::Router(a) => worker_runtime()?.block_on(tandem_router::serve::run(
             a,
             tandem_prefill_worker::shutdown_signal(),
         ))?,

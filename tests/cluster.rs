@@ -47,6 +47,12 @@ struct Cluster {
 
 impl Cluster {
     fn start(name: &str, args: &[&str]) -> Self {
+        // reqwest uses whichever rustls provider is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
         let dir = std::env::temp_dir().join(format!("tandem-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("run dir");
@@ -78,10 +84,7 @@ impl Cluster {
                 pid: 0,
                 processes: Vec::new(),
             },
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
+            http,
         };
         let path = dir.join("cluster.json");
         let start = Instant::now();
@@ -129,6 +132,14 @@ impl Cluster {
     fn get(&self, url: &str) -> (u16, String) {
         let r = self.http.get(url).send().expect("request sent");
         (r.status().as_u16(), r.text().expect("body"))
+    }
+
+    /// Whether `url` answers 200 (false while nothing listens there).
+    fn ok(&self, url: &str) -> bool {
+        self.http
+            .get(url)
+            .send()
+            .is_ok_and(|r| r.status().is_success())
     }
 
     /// The registered instances, from the cluster's store.
@@ -200,6 +211,16 @@ impl Drop for Cluster {
             let _ = self.up.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process killed if the test ends before it is stopped.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -298,21 +319,25 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
 
     // A second router on the same store, never disaggregating: aggregated mode.
     let agg_port = free_port();
-    let mut agg_router = Command::new(BIN)
-        .args([
-            "router",
-            "--store",
-            &c.file.store_url,
-            "--cluster",
-            &c.file.cluster,
-        ])
-        .args(["--id", "router-agg", "--disagg", "never"])
-        .args(["--listen", &format!("127.0.0.1:{agg_port}")])
-        .spawn()
-        .expect("second router starts");
+    let mut agg_router = Stopped(
+        Command::new(BIN)
+            .args([
+                "router",
+                "--store",
+                &c.file.store_url,
+                "--cluster",
+                &c.file.cluster,
+            ])
+            .args(["--id", "router-agg", "--disagg", "never"])
+            .args(["--listen", &format!("127.0.0.1:{agg_port}")])
+            .arg("--tls-dir")
+            .arg(c.file.tls_dir.join("router-0"))
+            .spawn()
+            .expect("second router starts"),
+    );
     let agg = format!("http://127.0.0.1:{agg_port}/v1");
     let start = Instant::now();
-    while c.get(&format!("http://127.0.0.1:{agg_port}/health")).0 != 200 {
+    while !c.ok(&format!("http://127.0.0.1:{agg_port}/health")) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "router-agg is not healthy"
@@ -320,6 +345,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    eprintln!("cluster test: the first invariant");
     // The first invariant.
     let prefill = c.instance("prefill-0");
     let remote_before = c.metric(&prefill.http_addr, "tandem_worker_requests_total");
@@ -340,6 +366,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         "the prefill worker computed the disaggregated prompts ({remote_before} -> {remote_after})"
     );
 
+    eprintln!("cluster test: prefix routing");
     // Prefix routing: a new question after a cached prefix lands where the
     // prefix is (the other decode worker holds nothing of it).
     let decode_requests = |c: &Cluster| -> Vec<(String, f64)> {
@@ -370,6 +397,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         .map(|(_, a)| a.0.clone())
         .expect("a decode worker served the second request");
 
+    eprintln!("cluster test: prefill worker killed mid-request");
     // A prefill worker killed mid-request: the decode worker prefills locally.
     let long_user = format!("{} Summarize.", LONG_SYSTEM.repeat(20));
     let expected_long = generate_text(&long_user, 8);
@@ -395,6 +423,16 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     signal(c.pid("prefill-0"), libc::SIGKILL);
     let (status, text) = pending.join().expect("request thread");
     assert_eq!(status, 200, "{text}");
+    let fallbacks: f64 = c
+        .instances()
+        .iter()
+        .filter(|i| i.role == Role::Decode)
+        .map(|i| c.metric(&i.http_addr, "tandem_worker_local_fallbacks_total"))
+        .sum();
+    assert!(
+        fallbacks >= 1.0,
+        "the decode worker fell back to a local prefill"
+    );
     let v: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(
         v["choices"][0]["message"]["content"].as_str(),
@@ -402,11 +440,19 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         "the request completed with the same tokens after its prefill worker died"
     );
 
+    eprintln!("cluster test: decode worker killed before its first token");
     // A decode worker killed before the first token: the router still routes
     // the prefix to it (its lease has not expired), fails, and retries on the other.
     signal(c.pid(&holder), libc::SIGKILL);
+    let agg_metrics = format!("127.0.0.1:{agg_port}");
+    let retries = c.metric(&agg_metrics, "tandem_router_retries_total");
     let (text, _) = chat(&c, &agg, &format!("{prefix}the third question?"), 4);
     assert!(!text.is_empty());
+    assert!(
+        c.metric(&agg_metrics, "tandem_router_retries_total") > retries,
+        "the router retried the request on the other decode worker"
+    );
+    eprintln!("cluster test: the dead worker leaves the view");
     // Within the lease TTL the dead worker leaves the router's view.
     let start = Instant::now();
     loop {
@@ -423,8 +469,9 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    signal(agg_router.id(), libc::SIGTERM);
-    let status = agg_router.wait().expect("router-agg exits");
+    eprintln!("cluster test: stopping");
+    signal(agg_router.0.id(), libc::SIGTERM);
+    let status = agg_router.0.wait().expect("router-agg exits");
     assert!(status.success(), "router-agg stopped with {status}");
     c.stop();
 }
