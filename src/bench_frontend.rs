@@ -34,6 +34,10 @@ pub struct FrontendBenchArgs {
     /// Requests per phase.
     #[arg(long, default_value_t = 5_000)]
     pub requests: usize,
+    /// Start requests at this rate per second (open loop, capped by
+    /// `--concurrency`); without it the load is closed-loop at full concurrency.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
@@ -49,6 +53,7 @@ pub struct FrontendBenchArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct FrontendBenchReport {
     pub concurrency: usize,
+    pub rate: Option<f64>,
     pub requests: usize,
     pub prompt_tokens: usize,
     pub output_tokens: usize,
@@ -76,8 +81,11 @@ pub fn run(args: &FrontendBenchArgs, model: &Path) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        let rate = report
+            .rate
+            .map_or_else(|| "closed loop".to_owned(), |r| format!("{r} requests/s"));
         println!(
-            "{} requests per phase at concurrency {}, prompt {} tokens, {} output tokens",
+            "{} requests per phase at concurrency {} ({rate}), prompt {} tokens, {} output tokens",
             report.requests, report.concurrency, report.prompt_tokens, report.output_tokens
         );
         println!(
@@ -214,11 +222,19 @@ async fn measure_in(
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 1_000 + i).collect();
     let client = client_tls.worker_client(&worker.grpc_addr)?;
     // Warm both paths (connections, first-request costs).
-    direct_phase(&client, &prompt, args, args.concurrency.min(args.requests)).await?;
+    direct_phase(
+        &client,
+        &prompt,
+        args,
+        args.concurrency.min(args.requests),
+        None,
+    )
+    .await?;
     let serve_args = ServeBenchArgs {
         url: format!("http://127.0.0.1:{router_port}/v1"),
         concurrency: args.concurrency,
         requests: args.concurrency.min(args.requests),
+        rate: None,
         prompt_tokens: args.prompt_tokens,
         output_tokens: args.output_tokens,
         shared_prefix_tokens: 0,
@@ -232,12 +248,13 @@ async fn measure_in(
     crate::bench_serve::measure(&serve_args).await?;
 
     let start = Instant::now();
-    let direct = direct_phase(&client, &prompt, args, args.requests).await?;
+    let direct = direct_phase(&client, &prompt, args, args.requests, args.rate).await?;
     let direct_rps = args.requests as f64 / start.elapsed().as_secs_f64();
 
     let cpu_before = cpu_seconds(router_pid)?;
     let routed = crate::bench_serve::measure(&ServeBenchArgs {
         requests: args.requests,
+        rate: args.rate,
         ..serve_args
     })
     .await?;
@@ -249,6 +266,7 @@ async fn measure_in(
     let _ = serving.await;
     Ok(FrontendBenchReport {
         concurrency: args.concurrency,
+        rate: args.rate,
         requests: args.requests,
         prompt_tokens: args.prompt_tokens,
         output_tokens: args.output_tokens,
@@ -270,15 +288,22 @@ async fn direct_phase(
     prompt: &[u32],
     args: &FrontendBenchArgs,
     requests: usize,
+    rate: Option<f64>,
 ) -> anyhow::Result<Vec<f64>> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let phase_start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(requests) {
         let (mut client, next, prompt) = (client.clone(), next.clone(), prompt.to_vec());
         let max_tokens = args.output_tokens as u32;
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < requests {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    break;
+                }
+                crate::bench_serve::pace(phase_start, rate, i).await;
                 let start = Instant::now();
                 let request = GenerateRequest {
                     request_id: String::new(),

@@ -29,6 +29,10 @@ pub struct ServeBenchArgs {
     /// Requests in all.
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
+    /// Start requests at this rate (per second, evenly spaced; `--concurrency`
+    /// still caps those in flight). Without it, each finished request starts the next.
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 256)]
     pub prompt_tokens: usize,
@@ -152,6 +156,10 @@ pub async fn measure(args: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> 
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     anyhow::ensure!(args.requests >= 1, "--requests must be at least 1");
     anyhow::ensure!(
+        args.rate.is_none_or(|r| r > 0.0 && r.is_finite()),
+        "--rate must be a positive number of requests per second"
+    );
+    anyhow::ensure!(
         args.prompt_tokens >= 1,
         "--prompt-tokens must be at least 1"
     );
@@ -199,6 +207,7 @@ pub async fn measure(args: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> 
                 if i >= args.requests {
                     return;
                 }
+                pace(start, args.rate, i).await;
                 let long = is_long(&args, i);
                 let len = if long {
                     args.long_prompt_tokens
@@ -257,6 +266,14 @@ pub async fn measure(args: &ServeBenchArgs) -> anyhow::Result<ServeBenchReport> 
         ttft_short_ms: Percentiles::of(s.ttft_short),
         errors: s.errors,
     })
+}
+
+/// Waits until request `i` is due at `rate` requests per second (no wait without a rate).
+pub async fn pace(start: Instant, rate: Option<f64>, i: usize) {
+    if let Some(rate) = rate.filter(|r| *r > 0.0) {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 /// Whether request `i` is one of the long ones: spread evenly through the run.
@@ -459,6 +476,7 @@ mod tests {
             url: "http://127.0.0.1:1".into(),
             concurrency: 1,
             requests: 10,
+            rate: None,
             prompt_tokens: 40,
             output_tokens: 4,
             shared_prefix_tokens: 16,

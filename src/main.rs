@@ -212,6 +212,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // TLS clients (model download, benchmarks, cluster mTLS) use the ring provider:
+    // it needs no C toolchain beyond the compiler.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
