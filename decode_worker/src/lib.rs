@@ -27,8 +27,11 @@ pub struct DecodeArgs {
     /// Where to receive KV transfers over QUIC (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_addr: SocketAddr,
-    /// How long a remote prefill may take before the worker prefills locally, ms.
-    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    /// How long a remote prefill may take before the worker prefills locally, ms:
+    /// the prefill worker's queue, its compute and the transfer together. Falling
+    /// back late costs the whole prompt again here, so this bounds a lost
+    /// prefill worker, not a busy one.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub transfer_deadline_ms: u32,
     /// Test mode: answer Generate at once by repeating the last prompt token,
     /// without running the model (measures the router's overhead).
@@ -42,7 +45,7 @@ impl DecodeArgs {
         Self {
             common,
             kv_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            transfer_deadline_ms: 10_000,
+            transfer_deadline_ms: 60_000,
             echo: false,
         }
     }

@@ -17,7 +17,7 @@ use tonic::Status;
 use crate::runtime::{EngineRequestGuard, RoleService, Worker, engine_status};
 
 /// The transfer deadline when the caller gives none.
-const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The prefill role: one QUIC client endpoint, one connection per decode worker.
 pub(crate) struct PrefillService {
