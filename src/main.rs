@@ -37,6 +37,8 @@ enum Command {
     },
     /// Start a local cluster: control-plane store, router, prefill and decode workers.
     Up(UpArgs),
+    /// Operate a running cluster through the router's admin API.
+    Ctl(tandem::ctl::CtlArgs),
     /// Serve the embedded control-plane store over gRPC (what `tandem up` hosts).
     Control {
         /// Address to listen on.
@@ -307,6 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             worker_args: a.worker_args,
         })?,
         Command::Control { listen } => tandem::up::control(listen)?,
+        Command::Ctl(a) => tandem::ctl::run(&a)?,
         Command::Bench {
             command: BenchCommand::Serve(a),
         } => tandem::bench_serve::run(&a)?,

@@ -60,6 +60,10 @@ pub struct ClusterFile {
     pub store_url: String,
     /// The directory holding the cluster CA and each process's certificate.
     pub tls_dir: PathBuf,
+    /// The router's admin API (`/admin/...`) base URL.
+    pub admin_url: String,
+    /// The bearer token of the admin API (the file is readable by its owner only).
+    pub admin_token: String,
     /// The `tandem up` process.
     pub pid: u32,
     /// The processes it started.
@@ -155,6 +159,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     ));
 
     let ca = ClusterCa::generate(&format!("tandem {} cluster", opts.cluster))?;
+    let admin_token = random_token().context("making the admin token")?;
     let exe = std::env::current_exe().context("finding the tandem binary")?;
     let workers = opts.prefill + opts.decode;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -203,7 +208,12 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
             "--tls-dir".to_owned(),
             node_dir.display().to_string(),
         ]);
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if role == Role::Router {
+            // In the environment, not on the command line where `ps` shows it.
+            command.env("TANDEM_ADMIN_TOKEN", &admin_token);
+        }
+        let child = command
             .args(&args)
             .stdin(Stdio::null())
             .kill_on_drop(true)
@@ -226,6 +236,8 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 api_url: api_url.clone(),
                 store_url: store_url.clone(),
                 tls_dir: tls_dir.clone(),
+                admin_url: format!("http://{}/admin", opts.listen),
+                admin_token: admin_token.clone(),
                 pid: std::process::id(),
                 processes: procs
                     .iter()
@@ -238,7 +250,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
                     })
                     .collect(),
             };
-            std::fs::write(&cluster_file, serde_json::to_vec_pretty(&file)?)
+            write_private(&cluster_file, &serde_json::to_vec_pretty(&file)?)
                 .with_context(|| format!("writing {}", cluster_file.display()))?;
             println!(
                 "tandem is up: {} prefill, {} decode worker(s), model {}",
@@ -248,6 +260,10 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
             );
             println!("  API        {api_url}");
             println!("  metrics    http://{}/metrics", opts.listen);
+            println!(
+                "  admin      http://{}/admin (token in the cluster file; `tandem ctl`)",
+                opts.listen
+            );
             println!("  store      {store_url}");
             println!("  cluster    {}", cluster_file.display());
             println!("Ctrl-C stops the cluster.");
@@ -336,10 +352,17 @@ async fn supervise(
             match procs[i].child.try_wait() {
                 Ok(Some(status)) => {
                     let p = procs.remove(i);
-                    eprintln!(
-                        "tandem up: {} ({}) exited unexpectedly ({status}); the cluster goes on without it",
-                        p.name, p.role
-                    );
+                    if status.success() {
+                        eprintln!(
+                            "tandem up: {} ({}) drained and left the cluster",
+                            p.name, p.role
+                        );
+                    } else {
+                        eprintln!(
+                            "tandem up: {} ({}) exited unexpectedly ({status}); the cluster goes on without it",
+                            p.name, p.role
+                        );
+                    }
                 }
                 Ok(None) => i += 1,
                 Err(e) => {
@@ -377,6 +400,30 @@ async fn stop_all(procs: &mut Vec<Process>) {
         }
     }
     procs.clear();
+}
+
+/// 128 random bits, hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("json.partial");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Sends SIGTERM to `pid`.

@@ -81,6 +81,8 @@ impl Cluster {
                 api_url: String::new(),
                 store_url: String::new(),
                 tls_dir: PathBuf::new(),
+                admin_url: String::new(),
+                admin_token: String::new(),
                 pid: 0,
                 processes: Vec::new(),
             },
@@ -467,6 +469,46 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
             "{holder} still in view after 15 s: {health}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+
+    eprintln!("cluster test: the admin API and tandem ctl");
+    let cluster_file = c.dir.join("cluster.json");
+    let ctl = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("ctl")
+            .arg("--cluster-file")
+            .arg(&cluster_file)
+            .args(args)
+            .output()
+            .expect("tandem ctl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed: Value = serde_json::from_str(&ctl(&["workers", "--json"])).expect("JSON");
+    let survivor = listed["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .find(|w| w["role"] == "decode" && w["state"] == "serving")
+        .and_then(|w| w["id"].as_str())
+        .expect("a serving decode worker is listed")
+        .to_owned();
+    assert_ne!(survivor, holder);
+    let (status, _) = c.get(&format!("{}/workers", c.file.admin_url));
+    assert_eq!(status, 401, "the admin API wants its token");
+    ctl(&["drain", &survivor]);
+    let pid = c.pid(&survivor);
+    let start = Instant::now();
+    while alive(pid) || c.instances().iter().any(|i| i.id == survivor) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{survivor} did not drain and leave"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     eprintln!("cluster test: stopping");

@@ -214,6 +214,8 @@ pub struct Worker {
     in_flight: AtomicUsize,
     idle: Notify,
     stopping: CancellationToken,
+    /// Set by the `Drain` call: the same as a shutdown signal.
+    drain_requested: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -261,6 +263,11 @@ impl Worker {
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Asks the worker to drain and exit, as a shutdown signal does.
+    pub fn request_drain(&self) {
+        self.drain_requested.cancel();
     }
 
     /// Resolves when the worker stops its servers (long-lived streams end then).
@@ -430,6 +437,7 @@ where
         in_flight: AtomicUsize::new(0),
         idle: Notify::new(),
         stopping: CancellationToken::new(),
+        drain_requested: CancellationToken::new(),
     });
     let (role_service, endpoints) = build(worker.clone()).await?;
 
@@ -496,6 +504,10 @@ where
 
     let failed = tokio::select! {
         () = shutdown => None,
+        () = worker.drain_requested.cancelled() => {
+            tracing::info!(%id, "drain requested over gRPC");
+            None
+        }
         r = &mut grpc => Some(format!("the gRPC server stopped: {}", describe(r))),
         r = &mut http => Some(format!("the HTTP server stopped: {}", describe(r))),
     };

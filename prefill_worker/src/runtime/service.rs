@@ -9,8 +9,9 @@ use std::task::{Context, Poll};
 
 use tandem_protocol::grpc::worker::worker_server::{Worker as WorkerRpc, WorkerServer};
 use tandem_protocol::grpc::worker::{
-    GenerateRequest, GenerateResponse, KvEventMessage, KvEventsRequest, KvSnapshotRequest,
-    KvSnapshotResponse, LoadRequest, LoadResponse, PrefillRequest, PrefillResponse,
+    DrainRequest, DrainResponse, GenerateRequest, GenerateResponse, KvEventMessage,
+    KvEventsRequest, KvSnapshotRequest, KvSnapshotResponse, LoadRequest, LoadResponse,
+    PrefillRequest, PrefillResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;
@@ -149,6 +150,15 @@ impl<R: RoleService> WorkerRpc for Service<R> {
             next_seq,
             hashes: tandem_protocol::grpc::raw(&hashes),
         }))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<DrainRequest>,
+    ) -> Result<Response<DrainResponse>, Status> {
+        let in_flight = u32::try_from(self.worker.in_flight()).unwrap_or(u32::MAX);
+        self.worker.request_drain();
+        Ok(Response::new(DrainResponse { in_flight }))
     }
 
     async fn load(&self, _request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {

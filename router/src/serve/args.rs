@@ -101,6 +101,10 @@ pub struct RouterArgs {
     /// mTLS to workers: a directory with ca.pem, node.pem and node.key.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
+
+    /// The bearer token of the admin API (`/admin/...`); without one it is off.
+    #[arg(long, env = "TANDEM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 impl RouterArgs {
@@ -119,6 +123,7 @@ impl RouterArgs {
             max_concurrent_requests: 256,
             retries: 2,
             tls_dir: None,
+            admin_token: None,
         }
     }
 

@@ -489,6 +489,52 @@ impl Cluster {
         (count(Role::Decode), count(Role::Prefill))
     }
 
+    /// Every known worker with its state and last load report, for the admin API.
+    pub(crate) fn workers_json(&self) -> Vec<serde_json::Value> {
+        let st = self.lock();
+        let mut workers: Vec<&Worker> = st.workers.values().collect();
+        workers.sort_by(|a, b| (a.info.role, &a.info.id).cmp(&(b.info.role, &b.info.id)));
+        workers
+            .into_iter()
+            .map(|w| {
+                let state = if w.draining() {
+                    "draining"
+                } else if w.suspect {
+                    "suspect"
+                } else {
+                    "serving"
+                };
+                let l = w.load.clone().unwrap_or_default();
+                serde_json::json!({
+                    "id": w.info.id,
+                    "role": w.info.role.as_str(),
+                    "state": state,
+                    "model": w.info.model,
+                    "grpc_addr": w.info.grpc_addr,
+                    "http_addr": w.info.http_addr,
+                    "version": w.info.version,
+                    "running": l.running,
+                    "waiting": l.waiting,
+                    "pending_prefill_tokens": l.pending_prefill_tokens,
+                    "kv_blocks_used": l.kv_blocks_used,
+                    "kv_blocks_total": l.kv_blocks_total,
+                    "kv_hit_rate": l.kv_hit_rate,
+                    "ttft_ms": l.ttft_ms,
+                    "itl_ms": l.itl_ms,
+                })
+            })
+            .collect()
+    }
+
+    /// The gRPC client of the worker whose id is `id`.
+    pub(crate) fn client_of(&self, id: &str) -> Option<WorkerClient<Channel>> {
+        let st = self.lock();
+        st.workers
+            .values()
+            .find(|w| w.info.id == id)
+            .map(|w| w.client.clone())
+    }
+
     pub(crate) fn gauges(&self) -> Gauges {
         let st = self.lock();
         let mut workers = Vec::new();

@@ -95,7 +95,17 @@ impl RouterProcess {
             .with_context(|| format!("binding the API address {}", args.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
         let generator = ClusterGenerator::new(cluster.clone(), args.retries);
-        let app = http::app(cluster.clone(), tandem_openai::router(generator, api));
+        let admin_token = args
+            .admin_token
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned);
+        let app = http::app(
+            cluster.clone(),
+            admin_token,
+            tandem_openai::router(generator, api),
+        );
 
         let (stop, stopped) = watch::channel(false);
         let id = args.instance_id();

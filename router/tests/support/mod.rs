@@ -189,6 +189,13 @@ impl Worker for Service {
             ..pb::LoadResponse::default()
         }))
     }
+
+    async fn drain(
+        &self,
+        _request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Err(Status::unimplemented("the fake worker does not drain"))
+    }
 }
 
 impl FakeWorker {
