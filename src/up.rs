@@ -259,6 +259,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 opts.model.display()
             );
             println!("  API        {api_url}");
+            println!("  dashboard  http://{}/dashboard", opts.listen);
             println!("  metrics    http://{}/metrics", opts.listen);
             println!(
                 "  admin      http://{}/admin (token in the cluster file; `tandem ctl`)",

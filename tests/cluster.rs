@@ -500,6 +500,13 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     assert_ne!(survivor, holder);
     let (status, _) = c.get(&format!("{}/workers", c.file.admin_url));
     assert_eq!(status, 401, "the admin API wants its token");
+    let api_root = c.file.api_url.trim_end_matches("/v1");
+    let (status, page) = c.get(&format!("{api_root}/dashboard"));
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("/admin/workers") && page.contains("/metrics"),
+        "the dashboard reads the admin API and the metrics"
+    );
     ctl(&["drain", &survivor]);
     let pid = c.pid(&survivor);
     let start = Instant::now();

@@ -27,10 +27,21 @@ pub(crate) fn app(cluster: Arc<Cluster>, admin_token: Option<String>, api: Route
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard))
         .route("/admin/workers", get(admin_workers))
         .route("/admin/workers/{id}/drain", post(admin_drain))
         .with_state(state)
         .fallback_service(api)
+}
+
+/// The operator's page: workers, load, hit rate, latency over time, drain
+/// controls (the page asks for the admin token and calls the admin API).
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
 }
 
 /// Checks the admin token: `Some` is the refusal to send.
