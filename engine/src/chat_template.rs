@@ -318,27 +318,33 @@ mod tests {
     use serde_json::Value;
 
     fn model_gguf() -> GgufFile {
-        GgufFile::open(crate::paths::test_model_path()).unwrap()
+        GgufFile::open(crate::paths::test_model_path()).expect("test setup")
     }
 
     #[test]
     fn renders_reference_prompts() {
         let gguf = model_gguf();
-        let tmpl = ChatTemplate::from_gguf(&gguf).unwrap();
-        let tok = Tokenizer::from_gguf(&gguf).unwrap();
+        let tmpl = ChatTemplate::from_gguf(&gguf).expect("test setup");
+        let tok = Tokenizer::from_gguf(&gguf).expect("test setup");
         assert_eq!(tmpl.specials(), &TemplateSpecials::from_tokenizer(&tok));
         assert_eq!(tmpl.specials().bos_token, "<|im_start|>");
         assert_eq!(tmpl.specials().eos_token, "<|im_end|>");
-        let r: Value = serde_json::from_str(crate::paths::reference_json()).unwrap();
-        assert_eq!(tmpl.source(), r["props"]["chat_template"].as_str().unwrap());
-        let chats = r["chat"].as_array().unwrap();
+        let r: Value = serde_json::from_str(crate::paths::reference_json()).expect("test setup");
+        assert_eq!(
+            tmpl.source(),
+            r["props"]["chat_template"].as_str().expect("test setup")
+        );
+        let chats = r["chat"].as_array().expect("test setup");
         assert!(!chats.is_empty());
         for case in chats {
-            let user = case["user"].as_str().unwrap();
+            let user = case["user"].as_str().expect("test setup");
             let prompt = tmpl
                 .render(&[ChatMessage::new("user", user)], true)
-                .unwrap();
-            assert_eq!(prompt, case["templated_prompt"].as_str().unwrap());
+                .expect("test setup");
+            assert_eq!(
+                prompt,
+                case["templated_prompt"].as_str().expect("test setup")
+            );
             let mut ids: Vec<u32> = tok
                 .add_bos()
                 .then(|| tok.bos())
@@ -348,9 +354,9 @@ mod tests {
             ids.extend(tok.encode(&prompt, true));
             let want: Vec<u32> = case["prompt_ids"]
                 .as_array()
-                .unwrap()
+                .expect("test setup")
                 .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
+                .map(|x| x.as_u64().expect("test setup") as u32)
                 .collect();
             assert_eq!(ids, want, "{user}");
         }
@@ -361,7 +367,7 @@ mod tests {
             ChatMessage::new("assistant", "Hello!"),
         ];
         assert_eq!(
-            tmpl.render(&msgs, false).unwrap(),
+            tmpl.render(&msgs, false).expect("test setup"),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
              <|im_start|>assistant\nHello!<|im_end|>\n"
         );
@@ -390,11 +396,11 @@ mod tests {
             ChatMessage::new("x", "y"),
         ];
         // trim_blocks/lstrip_blocks remove the block lines' whitespace.
-        let t = ChatTemplate::new(src, specials(false)).unwrap();
-        assert_eq!(t.render(&msgs, false).unwrap(), "<s>[HI]</s>\n");
+        let t = ChatTemplate::new(src, specials(false)).expect("test setup");
+        assert_eq!(t.render(&msgs, false).expect("test setup"), "<s>[HI]</s>\n");
         // A tokenizer that adds BOS gets the template's BOS text stripped.
-        let t = ChatTemplate::new(src, specials(true)).unwrap();
-        assert_eq!(t.render(&msgs, false).unwrap(), "[HI]</s>\n");
+        let t = ChatTemplate::new(src, specials(true)).expect("test setup");
+        assert_eq!(t.render(&msgs, false).expect("test setup"), "[HI]</s>\n");
     }
 
     #[test]
@@ -403,19 +409,24 @@ mod tests {
             "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok",
             specials(false),
         )
-        .unwrap();
+        .expect("test setup");
         let err = t
             .render(&[ChatMessage::new("assistant", "x")], true)
             .unwrap_err();
         assert!(matches!(err, ChatTemplateError::Render(_)));
         assert!(err.to_string().contains("first must be user"), "{err}");
         assert_eq!(
-            t.render(&[ChatMessage::new("user", "x")], true).unwrap(),
+            t.render(&[ChatMessage::new("user", "x")], true)
+                .expect("test setup"),
             "ok"
         );
 
-        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", specials(false)).unwrap();
-        let year: i64 = t.render(&[], false).unwrap().parse().unwrap();
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", specials(false)).expect("test setup");
+        let year: i64 = t
+            .render(&[], false)
+            .expect("test setup")
+            .parse()
+            .expect("test setup");
         assert!(year >= 2024);
         assert_eq!(
             strftime(

@@ -632,11 +632,11 @@ pub(crate) mod tests {
             std::process::id(),
             std::thread::current().id()
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("test setup");
         let path = dir.join(format!("{}.gguf", bytes.len()));
-        std::fs::write(&path, bytes).unwrap();
+        std::fs::write(&path, bytes).expect("test setup");
         let r = GgufFile::open(&path);
-        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&path).expect("test setup");
         r
     }
 
@@ -666,19 +666,22 @@ pub(crate) mod tests {
 
     #[test]
     fn reads_metadata_and_tensors() {
-        let f = parse_bytes(&sample()).unwrap();
+        let f = parse_bytes(&sample()).expect("test setup");
         assert_eq!(f.version(), 3);
-        assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
-        assert_eq!(f.get_u64("llama.block_count").unwrap(), 2);
-        assert_eq!(f.get_array("list").unwrap().len(), 2);
-        let (info, data) = f.tensor_data("n").unwrap();
+        assert_eq!(
+            f.get_str("general.architecture").expect("test setup"),
+            "llama"
+        );
+        assert_eq!(f.get_u64("llama.block_count").expect("test setup"), 2);
+        assert_eq!(f.get_array("list").expect("test setup").len(), 2);
+        let (info, data) = f.tensor_data("n").expect("test setup");
         assert_eq!(info.dims, vec![3]);
         let vals: Vec<f32> = data
             .chunks(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .map(|b| f32::from_le_bytes(b.try_into().expect("test setup")))
             .collect();
         assert_eq!(vals, vec![0.5, -0.5, 2.0]);
-        assert_eq!(f.tensor_data("w").unwrap().0.n_bytes, 32);
+        assert_eq!(f.tensor_data("w").expect("test setup").0.n_bytes, 32);
     }
 
     #[test]
@@ -711,7 +714,7 @@ pub(crate) mod tests {
         let pos = b
             .windows(1 + 8 + 4 + 16)
             .position(|w| w[0] == b'w' && w[1..5] == 2u32.to_le_bytes())
-            .unwrap();
+            .expect("test setup");
         let type_pos = pos + 1 + 4 + 16;
         b[type_pos..type_pos + 4].copy_from_slice(&99u32.to_le_bytes());
         let err = parse_bytes(&b).unwrap_err();

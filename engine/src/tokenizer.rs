@@ -1397,20 +1397,20 @@ pub(crate) mod tests {
     fn model_tokenizer() -> &'static Tokenizer {
         static TOK: OnceLock<Tokenizer> = OnceLock::new();
         TOK.get_or_init(|| {
-            let gguf = GgufFile::open(crate::paths::test_model_path()).unwrap();
-            Tokenizer::from_gguf(&gguf).unwrap()
+            let gguf = GgufFile::open(crate::paths::test_model_path()).expect("test setup");
+            Tokenizer::from_gguf(&gguf).expect("test setup")
         })
     }
 
     fn reference() -> Value {
-        serde_json::from_str(crate::paths::reference_json()).unwrap()
+        serde_json::from_str(crate::paths::reference_json()).expect("test setup")
     }
 
     fn ids(v: &Value) -> Vec<u32> {
         v.as_array()
-            .unwrap()
+            .expect("test setup")
             .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
+            .map(|x| x.as_u64().expect("test setup") as u32)
             .collect()
     }
 
@@ -1419,11 +1419,11 @@ pub(crate) mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!("tandem-tok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("test setup");
         let path = dir.join(format!("{}.gguf", N.fetch_add(1, Ordering::Relaxed)));
-        std::fs::write(&path, bytes).unwrap();
-        let f = GgufFile::open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, bytes).expect("test setup");
+        let f = GgufFile::open(&path).expect("test setup");
+        std::fs::remove_file(&path).expect("test setup");
         f
     }
 
@@ -1465,10 +1465,10 @@ pub(crate) mod tests {
     fn tokenize_matches_llamacpp() {
         let tok = model_tokenizer();
         let r = reference();
-        let cases = r["tokenize"].as_array().unwrap();
+        let cases = r["tokenize"].as_array().expect("test setup");
         assert!(!cases.is_empty());
         for case in cases {
-            let text = case["text"].as_str().unwrap();
+            let text = case["text"].as_str().expect("test setup");
             assert_eq!(tok.encode(text, true), ids(&case["ids"]), "{text:?}");
             assert_eq!(
                 tok.encode(text, false),
@@ -1478,12 +1478,15 @@ pub(crate) mod tests {
             // Pieces, where the reference gives them as text, are the token bytes.
             for (id, piece) in ids(&case["ids"])
                 .iter()
-                .zip(case["pieces"].as_array().unwrap())
+                .zip(case["pieces"].as_array().expect("test setup"))
             {
                 match piece {
                     Value::String(s) => assert_eq!(tok.token_bytes(*id), s.as_bytes()),
                     Value::Array(b) => {
-                        let b: Vec<u8> = b.iter().map(|x| x.as_u64().unwrap() as u8).collect();
+                        let b: Vec<u8> = b
+                            .iter()
+                            .map(|x| x.as_u64().expect("test setup") as u8)
+                            .collect();
                         assert_eq!(tok.token_bytes(*id), &b[..]);
                     }
                     _ => panic!("odd piece {piece:?}"),
@@ -1498,8 +1501,8 @@ pub(crate) mod tests {
     fn chat_prompts_tokenize_like_llamacpp() {
         let tok = model_tokenizer();
         let r = reference();
-        for case in r["chat"].as_array().unwrap() {
-            let prompt = case["templated_prompt"].as_str().unwrap();
+        for case in r["chat"].as_array().expect("test setup") {
+            let prompt = case["templated_prompt"].as_str().expect("test setup");
             let mut got = Vec::new();
             // llama.cpp adds BOS only when the vocabulary says so; this one does not,
             // and the leading 1 in prompt_ids is the template's own <|im_start|>.
@@ -1534,8 +1537,12 @@ pub(crate) mod tests {
             assert_eq!(streamed, text);
         }
         // Invalid or truncated sequences come out as U+FFFD, as decode gives them.
-        let e_acute_lead = tok.token_id("Ã").unwrap(); // byte 0xC3
-        let ids = [e_acute_lead, tok.token_id("a").unwrap(), e_acute_lead];
+        let e_acute_lead = tok.token_id("Ã").expect("test setup"); // byte 0xC3
+        let ids = [
+            e_acute_lead,
+            tok.token_id("a").expect("test setup"),
+            e_acute_lead,
+        ];
         let mut d = StreamDecoder::new();
         let mut s = String::new();
         for id in ids {
@@ -1573,7 +1580,10 @@ pub(crate) mod tests {
     fn bytes_without_tokens_are_dropped() {
         let tok = model_tokenizer();
         assert!(!encodable(tok, '\u{4}') && !encodable(tok, '\u{40000}'));
-        let (a, b) = (tok.token_id("a").unwrap(), tok.token_id("b").unwrap());
+        let (a, b) = (
+            tok.token_id("a").expect("test setup"),
+            tok.token_id("b").expect("test setup"),
+        );
         assert_eq!(tok.encode("a\u{4}b", false), vec![a, b]);
     }
 
@@ -1648,7 +1658,7 @@ pub(crate) mod tests {
     fn tiny_bpe_merges_and_defaults() {
         // No `pre` key: llama.cpp falls back to its default pre-tokenizer.
         let f = open_bytes(&write_gguf(&tiny_bpe(None), &[]));
-        let tok = Tokenizer::from_gguf(&f).unwrap();
+        let tok = Tokenizer::from_gguf(&f).expect("test setup");
         assert_eq!(tok.encode("ab ab", false), vec![2, 4]);
         assert_eq!(tok.encode("ba", false), vec![1, 0]);
         // Bytes without a token are dropped, as llama.cpp drops them.
@@ -1665,13 +1675,16 @@ pub(crate) mod tests {
         use std::sync::Mutex;
         type Cache = Mutex<HashMap<String, &'static [(Regex, WsRule)]>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
-        let mut cache = CACHE.get_or_init(Default::default).lock().unwrap();
+        let mut cache = CACHE
+            .get_or_init(Default::default)
+            .lock()
+            .expect("test setup");
         cache.entry(pre.to_string()).or_insert_with(|| {
             let regexes: Vec<(Regex, WsRule)> = pre_config(pre)
-                .unwrap()
+                .expect("test setup")
                 .regexes
                 .iter()
-                .map(|&(p, r)| (Regex::new(p).unwrap(), r))
+                .map(|&(p, r)| (Regex::new(p).expect("test setup"), r))
                 .collect();
             Box::leak(regexes.into_boxed_slice())
         })
@@ -1744,18 +1757,18 @@ pub(crate) mod tests {
         let all = CACHE.get_or_init(|| {
             ORIGINAL_PATTERNS
                 .iter()
-                .map(|(_, p)| Regex::new(p).unwrap())
+                .map(|(_, p)| Regex::new(p).expect("test setup"))
                 .collect()
         });
         let i = ORIGINAL_PATTERNS
             .iter()
             .position(|(_, p)| *p == pattern)
-            .unwrap();
+            .expect("test setup");
         let re = &all[i];
         let mut out = Vec::new();
         let mut last = 0;
         for m in re.find_iter(text) {
-            let m = m.unwrap();
+            let m = m.expect("test setup");
             if m.start() > last {
                 out.push(text[last..m.start()].to_string());
             }
@@ -1832,7 +1845,7 @@ pub(crate) mod tests {
             ),
         ];
         meta.extend(extra);
-        Tokenizer::from_gguf(&open_bytes(&write_gguf(&meta, &[]))).unwrap()
+        Tokenizer::from_gguf(&open_bytes(&write_gguf(&meta, &[]))).expect("test setup")
     }
 
     #[test]
@@ -1845,7 +1858,7 @@ pub(crate) mod tests {
             (Some(1), Some(2), Some(0))
         );
         assert!(tok.is_eog(2));
-        let id = |s: &str| tok.token_id(s).unwrap();
+        let id = |s: &str| tok.token_id(s).expect("test setup");
         assert_eq!(
             tok.encode("hello world", false),
             vec![id("▁hello"), id("▁world")]
@@ -1883,7 +1896,7 @@ pub(crate) mod tests {
         ]);
         assert!(!tok.add_bos());
         assert_eq!(tok.eos(), Some(1));
-        let id = |s: &str| tok.token_id(s).unwrap();
+        let id = |s: &str| tok.token_id(s).expect("test setup");
         assert_eq!(tok.encode("hello", false), vec![id("hello")]);
         assert_eq!(tok.decode(&[id("▁hello")]), " hello");
     }
