@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use tandem_control_plane::{MemStore, Store};
+use tandem_control_plane::Store;
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_prefill_worker::runtime::ClusterTls;
 use tandem_protocol::grpc::worker::{GenerateRequest, Sampling, generate_response::Event};
@@ -21,6 +21,7 @@ use tandem_protocol::{InstanceInfo, Role, keys};
 use tokio::process::{Child, Command};
 
 use crate::bench_serve::{Percentiles, ServeBenchArgs};
+use crate::up::{LoopbackStore, issue_identity};
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -72,12 +73,7 @@ pub struct FrontendBenchReport {
 
 /// Runs the benchmark and prints its report.
 pub fn run(args: &FrontendBenchArgs, model: &Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let report = rt.block_on(measure(args, model))?;
+    let report = crate::runtime()?.block_on(measure(args, model))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -143,29 +139,13 @@ async fn measure_in(
     model: &Path,
     dir: &Path,
 ) -> anyhow::Result<FrontendBenchReport> {
-    let store = MemStore::new();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-    let store_url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(tandem_control_plane::serve(
-        store.clone(),
-        listener,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let local_store = LoopbackStore::start().await?;
+    let (store, store_url) = (local_store.store.clone(), local_store.url.clone());
 
     let ca = ClusterCa::generate("tandem bench frontend")?;
-    let tls_dir = |name: &str| -> anyhow::Result<std::path::PathBuf> {
-        let d = dir.join(name);
-        std::fs::create_dir_all(&d)?;
-        ca.issue(&[name, "localhost", "127.0.0.1"])?
-            .write_files(&d)?;
-        Ok(d)
-    };
-    let worker_tls = tls_dir("echo-0")?;
-    let router_tls = tls_dir("router-bench")?;
-    let client_tls = ClusterTls::load(&tls_dir("client")?)?;
+    let worker_tls = issue_identity(&ca, dir, "echo-0")?;
+    let router_tls = issue_identity(&ca, dir, "router-bench")?;
+    let client_tls = ClusterTls::load(&issue_identity(&ca, dir, "client")?)?;
     let router_port = std::net::TcpListener::bind(("127.0.0.1", 0))?
         .local_addr()?
         .port();
@@ -262,8 +242,7 @@ async fn measure_in(
 
     let direct_ms = Percentiles::of(direct);
     drop(router);
-    let _ = stop.send(());
-    let _ = serving.await;
+    local_store.stop().await?;
     Ok(FrontendBenchReport {
         concurrency: args.concurrency,
         rate: args.rate,

@@ -128,12 +128,7 @@ struct Samples {
 
 /// Runs the benchmark and prints its report.
 pub fn run(args: &ServeBenchArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let report = rt.block_on(measure(args))?;
+    let report = crate::runtime()?.block_on(measure(args))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

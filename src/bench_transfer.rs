@@ -98,10 +98,7 @@ pub fn transfer(opts: &TransferBenchOptions) -> anyhow::Result<TransferBenchRepo
         ),
     ];
     let reps = opts.repetitions.max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let rt = crate::runtime()?;
     let mut results = Vec::new();
     for (name, layout, blocks) in cases {
         let case = rt.block_on(run_case(name, layout, blocks, reps))?;

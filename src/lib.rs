@@ -11,3 +11,13 @@ pub mod generate;
 pub mod model_pull;
 pub mod sim;
 pub mod up;
+
+/// The async runtime every command that needs one runs on: multi-threaded,
+/// with I/O and timers.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}

@@ -325,26 +325,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Router(a),
         } => tandem::bench_router::run(&a)?,
-        Command::Prefill(a) => worker_runtime()?.block_on(tandem_prefill_worker::run(
+        Command::Prefill(a) => tandem::runtime()?.block_on(tandem_prefill_worker::run(
             a,
             tandem_prefill_worker::shutdown_signal(),
         ))?,
-        Command::Router(a) => worker_runtime()?.block_on(tandem_router::serve::run(
+        Command::Router(a) => tandem::runtime()?.block_on(tandem_router::serve::run(
             a,
             tandem_prefill_worker::shutdown_signal(),
         ))?,
-        Command::Decode(a) => worker_runtime()?.block_on(tandem_decode_worker::run(
+        Command::Decode(a) => tandem::runtime()?.block_on(tandem_decode_worker::run(
             a,
             tandem_decode_worker::shutdown_signal(),
         ))?,
     }
     Ok(())
-}
-
-/// The async runtime a worker process runs on.
-fn worker_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
 }

@@ -115,12 +115,7 @@ pub fn run(opts: UpOptions) -> anyhow::Result<()> {
         "--disagg must be never, auto or always, not {:?}",
         opts.disagg
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(up(opts))
+    crate::runtime()?.block_on(up(opts))
 }
 
 async fn up(opts: UpOptions) -> anyhow::Result<()> {
@@ -144,19 +139,8 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
             .with_context(|| format!("the API address {} is not free", opts.listen))?,
     );
 
-    let store = MemStore::new();
-    let store_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .context("binding the control-plane store")?;
-    let store_url = format!("http://{}", store_listener.local_addr()?);
-    let (stop_store, store_stopped) = tokio::sync::oneshot::channel::<()>();
-    let store_task = tokio::spawn(tandem_control_plane::serve(
-        store.clone(),
-        store_listener,
-        async {
-            let _ = store_stopped.await;
-        },
-    ));
+    let local_store = LoopbackStore::start().await?;
+    let (store, store_url) = (local_store.store.clone(), local_store.url.clone());
 
     let ca = ClusterCa::generate(&format!("tandem {} cluster", opts.cluster))?;
     let admin_token = random_token().context("making the admin token")?;
@@ -193,11 +177,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let mut procs = Vec::new();
     for (name, role, mut args) in specs {
-        let node_dir = tls_dir.join(&name);
-        std::fs::create_dir_all(&node_dir)
-            .with_context(|| format!("creating {}", node_dir.display()))?;
-        ca.issue(&[&name, "localhost", "127.0.0.1"])?
-            .write_files(&node_dir)?;
+        let node_dir = issue_identity(&ca, &tls_dir, &name)?;
         args.extend([
             "--store".to_owned(),
             store_url.clone(),
@@ -276,13 +256,64 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     eprintln!("tandem up: stopping");
     stop_all(&mut procs).await;
     let _ = std::fs::remove_file(&cluster_file);
-    let _ = stop_store.send(());
-    match store_task.await {
-        Ok(Err(e)) => eprintln!("tandem up: control-plane store: {e}"),
-        Err(e) => eprintln!("tandem up: control-plane store task: {e}"),
-        Ok(Ok(())) => {}
+    if let Err(e) = local_store.stop().await {
+        eprintln!("tandem up: {e:#}");
     }
     outcome
+}
+
+/// The embedded store, served over gRPC on a free loopback port.
+pub struct LoopbackStore {
+    pub store: MemStore,
+    /// Its gRPC URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl LoopbackStore {
+    /// Binds a free loopback port and serves a fresh store on it.
+    pub async fn start() -> anyhow::Result<Self> {
+        let store = MemStore::new();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .context("binding the control-plane store")?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tandem_control_plane::serve(
+            store.clone(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Self {
+            store,
+            url,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops serving and waits for the server to end.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .context("the control-plane store task")?
+            .context("the control-plane store")
+    }
+}
+
+/// Writes a certificate from `ca` for `name` (and `localhost`, `127.0.0.1`) into
+/// `dir/name/` as `ca.pem`, `node.pem`, `node.key`; returns that directory.
+pub fn issue_identity(ca: &ClusterCa, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let node_dir = dir.join(name);
+    std::fs::create_dir_all(&node_dir)
+        .with_context(|| format!("creating {}", node_dir.display()))?;
+    ca.issue(&[name, "localhost", "127.0.0.1"])?
+        .write_files(&node_dir)?;
+    Ok(node_dir)
 }
 
 /// Waits until the router and every worker have registered; fails if a child
@@ -441,12 +472,7 @@ fn terminate(pid: u32) {
 
 /// `tandem control`: serves an embedded store on `listen` until Ctrl-C or SIGTERM.
 pub fn control(listen: SocketAddr) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async {
+    crate::runtime()?.block_on(async {
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let listener = tokio::net::TcpListener::bind(listen)

@@ -8,6 +8,7 @@
 mod block_hash;
 mod cluster;
 mod kv_event;
+mod metrics;
 
 /// gRPC services shared by the cluster's processes.
 #[cfg(feature = "grpc")]
@@ -32,3 +33,4 @@ pub mod grpc {
 pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
 pub use cluster::{InstanceInfo, ModelCard, Role, WorkerState, keys};
 pub use kv_event::{KvEvent, KvEventKind};
+pub use metrics::LatencyHistogram;

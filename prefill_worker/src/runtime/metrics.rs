@@ -9,11 +9,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_engine::engine::LoadReport;
-
-/// Upper bounds of the latency histograms' buckets, in seconds.
-const BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+use tandem_protocol::LatencyHistogram;
 
 /// Latency samples kept for the recent p50 that `Load` reports.
 const RECENT: usize = 512;
@@ -21,33 +17,24 @@ const RECENT: usize = 512;
 /// A latency histogram with a window of recent samples.
 #[derive(Debug, Default)]
 pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+    all: LatencyHistogram,
     recent: Mutex<VecDeque<f64>>,
 }
 
 impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+        self.all.observe(d);
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent.len() == RECENT {
             recent.pop_front();
         }
-        recent.push_back(secs * 1e3);
+        recent.push_back(d.as_secs_f64() * 1e3);
     }
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
+        self.all.count()
     }
 
     /// The median of the recent observations, in milliseconds (0: none yet).
@@ -67,14 +54,7 @@ impl Histogram {
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {}", b.load(Relaxed));
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        self.all.write(out, name, help);
     }
 }
 

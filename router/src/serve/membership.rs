@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_control_plane::{Event, LeaseId, Store, StoreError};
+use tandem_control_plane::{Event, Registration, Store, StoreError};
 use tandem_protocol::{InstanceInfo, keys};
 use tokio::sync::watch;
 
@@ -138,74 +138,28 @@ fn spawn_model_load<S: Store>(
     });
 }
 
-/// Keeps `info` registered at `key` under a lease of `ttl` (renewed three times
-/// per TTL) until `stop` fires, then revokes the lease. Re-registers when the
-/// lease was lost (store restarted or the router was cut off past the TTL).
+/// Keeps the router registered (the control plane's [`Registration`]: renewed
+/// every TTL/3, registered again after a lost lease or a store outage) until
+/// `stop` fires, then revokes the lease.
 pub(crate) async fn keep_registered<S: Store>(
     store: S,
-    key: String,
+    cluster: String,
     info: InstanceInfo,
     ttl: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let keepalive_every = ttl / 3;
-    let value = match serde_json::to_vec(&info) {
-        Ok(v) => v,
+    let registration = match Registration::start(store, &cluster, info, ttl).await {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "cannot encode the router's registration");
+            tracing::error!(error = %e, "cannot register the router");
             return;
         }
     };
-    let mut lease: Option<LeaseId> = None;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let step = async {
-            match lease {
-                Some(id) => match store.lease_keepalive(id).await {
-                    Err(StoreError::LeaseNotFound(_)) => {
-                        tracing::warn!(key = %key, "registration lease lost; registering again");
-                        Err(None)
-                    }
-                    Err(e) => Err(Some(e)),
-                    Ok(()) => Ok(id),
-                },
-                None => {
-                    let id = store.lease_grant(ttl).await.map_err(Some)?;
-                    store
-                        .put(&key, value.clone(), Some(id))
-                        .await
-                        .map_err(Some)?;
-                    tracing::info!(key = %key, http_addr = %info.http_addr, "router registered");
-                    Ok(id)
-                }
-            }
-        };
-        let wait = match step.await {
-            Ok(id) => {
-                lease = Some(id);
-                backoff = Duration::from_millis(100);
-                keepalive_every
-            }
-            Err(e) => {
-                if let Some(e) = e {
-                    tracing::debug!(error = %e, "cannot reach the store to stay registered");
-                } else {
-                    lease = None;
-                }
-                backoff = next_backoff(backoff);
-                backoff
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => break,
-        }
-    }
-    if let Some(id) = lease {
-        match store.lease_revoke(id).await {
-            Ok(()) => tracing::info!(key = %key, "router deregistered"),
-            Err(e) => tracing::warn!(error = %e, "cannot deregister; the lease will expire"),
-        }
+    // A changed value or a dropped sender: either way the router stops.
+    let _ = stop.changed().await;
+    match registration.deregister().await {
+        Ok(()) => tracing::info!("router deregistered"),
+        Err(e) => tracing::warn!(error = %e, "cannot deregister; the lease will expire"),
     }
 }
 
@@ -236,10 +190,11 @@ mod tests {
         let store = MemStore::new();
         let key = keys::instance("c", Role::Router, "r0");
         let (stop, stopped) = watch::channel(false);
-        let ttl = Duration::from_millis(300);
+        // The shortest TTL a registration takes.
+        let ttl = Duration::from_secs(1);
         let task = tokio::spawn(keep_registered(
             store.clone(),
-            key.clone(),
+            "c".to_owned(),
             router_info(),
             ttl,
             stopped,

@@ -24,7 +24,7 @@ use std::path::Path;
 use anyhow::Context;
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_openai::ApiConfig;
-use tandem_protocol::{InstanceInfo, Role, WorkerState, keys};
+use tandem_protocol::{InstanceInfo, Role, WorkerState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
@@ -131,7 +131,7 @@ impl RouterProcess {
             )),
             tokio::spawn(membership::keep_registered(
                 store,
-                keys::instance(&args.cluster, Role::Router, &id),
+                args.cluster.clone(),
                 registration,
                 membership::LEASE_TTL,
                 stopped,
