@@ -11,6 +11,7 @@
 //! - [`Registration`] keeps a process's [`tandem_protocol::InstanceInfo`]
 //!   under a lease for as long as it serves, across store outages.
 
+mod connector;
 mod etcd;
 mod mem;
 mod registration;
@@ -18,6 +19,7 @@ mod remote;
 mod service;
 mod store;
 
+pub use connector::{Connector, ConnectorError};
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
 pub use registration::{DEFAULT_LEASE_TTL, Registration};

@@ -151,6 +151,17 @@ pub mod keys {
     pub fn planner_leader(cluster: &str) -> String {
         format!("/tandem/{cluster}/planner/leader")
     }
+
+    /// Prefix of the planner's decision log; entries are keyed by a
+    /// zero-padded sequence number so they list in order.
+    pub fn planner_decisions(cluster: &str) -> String {
+        format!("/tandem/{cluster}/planner/decisions/")
+    }
+
+    /// One decision-log entry.
+    pub fn planner_decision(cluster: &str, seq: u64) -> String {
+        format!("/tandem/{cluster}/planner/decisions/{seq:020}")
+    }
 }
 
 impl InstanceInfo {

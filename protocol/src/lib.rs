@@ -9,6 +9,7 @@ mod block_hash;
 mod cluster;
 mod kv_event;
 mod metrics;
+mod planner;
 
 /// gRPC services shared by the cluster's processes.
 #[cfg(feature = "grpc")]
@@ -34,3 +35,4 @@ pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
 pub use cluster::{InstanceInfo, ModelCard, Role, WorkerState, keys};
 pub use kv_event::{KvEvent, KvEventKind};
 pub use metrics::LatencyHistogram;
+pub use planner::{Desired, MAX_REPLICAS, PlannerDecision, PlannerTargets, unix_ms};
