@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
@@ -82,15 +82,23 @@ struct Members {
 impl EtcdStore {
     /// A client for the etcd members at `endpoints` (`http://host:port` or
     /// `host:port`); with several, requests are balanced over them. Does not
-    /// contact etcd. Must be called inside a tokio runtime. TLS to etcd is not
-    /// supported yet: an `https://` endpoint is refused.
+    /// contact etcd. Must be called inside a tokio runtime. For TLS to etcd,
+    /// see [`EtcdStore::connect_tls`]; an `https://` endpoint here is refused.
     pub fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        Self::connect_tls(endpoints, None)
+    }
+
+    /// [`EtcdStore::connect`], over TLS when `tls` is given: every member is
+    /// reached with `https://`, its certificate checked against `tls.ca_pem`,
+    /// and this client presents `tls`'s certificate (etcd's
+    /// `--client-cert-auth`).
+    pub fn connect_tls(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Self, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
         let channels = endpoints
             .iter()
-            .map(|url| endpoint(url).map(|e| e.connect_lazy()))
+            .map(|url| endpoint(url, tls).map(|e| e.connect_lazy()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             members: Arc::new(Members {
@@ -429,23 +437,72 @@ struct EtcdWatch {
     responses: Streaming<wire::WatchResponse>,
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, StoreError> {
-    if url.starts_with("https://") {
+fn endpoint(url: &str, tls: Option<&EtcdTls>) -> Result<Endpoint, StoreError> {
+    let bare = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    if bare.contains("://") {
         return Err(StoreError::Invalid(format!(
-            "etcd endpoint {url:?}: TLS to etcd is not supported yet"
+            "etcd endpoint {url:?}: use http://, https:// or host:port"
         )));
     }
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
+    let url = match (tls, url.starts_with("https://")) {
+        (None, true) => {
+            return Err(StoreError::Invalid(format!(
+                "etcd endpoint {url:?}: https needs the client's TLS files (etcds:// with --store-tls-dir)"
+            )));
+        }
+        (None, false) => format!("http://{bare}"),
+        (Some(_), _) => format!("https://{bare}"),
     };
-    Ok(Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| StoreError::Invalid(format!("etcd endpoint {url:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| StoreError::Invalid(format!("etcd endpoint {url:?}: TLS: {e}")))?;
+    }
+    Ok(endpoint)
+}
+
+/// A client's TLS material for etcd: the CA that signed the members'
+/// certificates, and this client's certificate and key (PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl EtcdTls {
+    /// Reads `ca.pem`, `node.pem` and `node.key` from `dir` (the layout of a
+    /// tandem process's `--tls-dir`).
+    pub fn from_dir(dir: &std::path::Path) -> Result<Self, StoreError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path)
+                .map_err(|e| StoreError::Invalid(format!("etcd TLS file {}: {e}", path.display())))
+        };
+        Ok(Self {
+            ca_pem: read("ca.pem")?,
+            cert_pem: read("node.pem")?,
+            key_pem: read("node.key")?,
+        })
+    }
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls").finish_non_exhaustive()
+    }
 }
 
 /// `message` as a request that only a member in touch with its leader serves:

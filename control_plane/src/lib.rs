@@ -11,6 +11,7 @@
 //! - [`Registration`] keeps a process's [`tandem_protocol::InstanceInfo`]
 //!   under a lease for as long as it serves, across store outages.
 
+mod any;
 mod connector;
 mod etcd;
 mod mem;
@@ -19,8 +20,9 @@ mod remote;
 mod service;
 mod store;
 
+pub use any::AnyStore;
 pub use connector::{Connector, ConnectorError};
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use mem::MemStore;
 pub use registration::{DEFAULT_LEASE_TTL, Registration};
 pub use remote::RemoteStore;

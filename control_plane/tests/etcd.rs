@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{WAIT, next, suite};
-use tandem_control_plane::{EtcdStore, Event, Store, StoreError};
+use tandem_control_plane::{AnyStore, EtcdStore, EtcdTls, Event, Store, StoreError};
+use tandem_kv_transfer::tls::ClusterCa;
 use tokio::task::AbortHandle;
 use tokio::time::timeout;
 
@@ -30,6 +31,9 @@ struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// With mutual TLS on the client port: the server's files (`ca.pem`,
+    /// `node.pem`, `node.key`) and a client identity the server accepts.
+    tls: Option<(PathBuf, EtcdTls)>,
 }
 
 /// Two free loopback ports.
@@ -51,6 +55,16 @@ impl Etcd {
 
     /// Starts etcd on the given ports and waits until it answers.
     async fn start_on(client_port: u16, peer_port: u16) -> Etcd {
+        Etcd::start_with(client_port, peer_port, None).await
+    }
+
+    /// Starts etcd on free ports, serving clients over mutual TLS only.
+    async fn start_tls(server_dir: PathBuf, client: EtcdTls) -> Etcd {
+        let (client_port, peer_port) = free_ports();
+        Etcd::start_with(client_port, peer_port, Some((server_dir, client))).await
+    }
+
+    async fn start_with(client_port: u16, peer_port: u16, tls: Option<(PathBuf, EtcdTls)>) -> Etcd {
         assert!(
             Path::new(ETCD).exists(),
             "{ETCD} not found: these tests need a real etcd server; install the Debian \
@@ -75,17 +89,20 @@ impl Etcd {
             dir,
             client_port,
             peer_port,
+            tls,
         };
         etcd.run().await;
         etcd
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn store(&self) -> EtcdStore {
-        EtcdStore::connect(&[self.url()]).expect("etcd client")
+        EtcdStore::connect_tls(&[self.url()], self.tls.as_ref().map(|(_, c)| c))
+            .expect("etcd client")
     }
 
     /// Starts the server process (on the existing data directory, if etcd ran
@@ -98,7 +115,18 @@ impl Etcd {
             .append(true)
             .open(self.dir.join("etcd.log"))
             .expect("etcd's log");
-        let child = Command::new(ETCD)
+        let mut command = Command::new(ETCD);
+        if let Some((dir, _)) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(dir.join("node.pem"))
+                .arg("--key-file")
+                .arg(dir.join("node.key"))
+                .arg("--trusted-ca-file")
+                .arg(dir.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", "default"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -466,4 +494,54 @@ async fn etcd_store_moves_on_from_an_unreachable_member() {
         assert_eq!(next(&mut w).await.revision(), want);
     }
     assert_eq!(store.list("/p/").await.expect("list").0.len(), 20);
+}
+
+/// Writes a fresh identity from `ca` for `names` into `dir`.
+fn identity(ca: &ClusterCa, names: &[&str], dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("identity directory");
+    ca.issue(names)
+        .expect("issue a certificate")
+        .write_files(dir)
+        .expect("write the identity");
+    dir.to_owned()
+}
+
+/// etcd with `--client-cert-auth`: the conformance suite passes through an
+/// `etcds://` address with the cluster's client identity, and a client whose
+/// certificate comes from another CA, or one with no TLS, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_mutual_tls_conforms_and_refuses_strangers() {
+    let base = std::env::temp_dir().join(format!("tandem-etcd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let ca = ClusterCa::generate("etcd test CA").expect("CA");
+    let server = identity(&ca, &["127.0.0.1", "localhost"], &base.join("server"));
+    let client = identity(&ca, &["tandem-router"], &base.join("client"));
+    let stranger_ca = ClusterCa::generate("another CA").expect("CA");
+    let stranger = identity(&stranger_ca, &["intruder"], &base.join("stranger"));
+    // The stranger trusts the real CA (so it can check the server) but its
+    // own certificate is from another one.
+    std::fs::copy(client.join("ca.pem"), stranger.join("ca.pem")).expect("copy the CA");
+
+    let etcd = Etcd::start_tls(
+        server,
+        EtcdTls::from_dir(&client).expect("the client's files"),
+    )
+    .await;
+    let address = format!("etcds://127.0.0.1:{}", etcd.client_port);
+    let store = AnyStore::connect(&address, Some(&client)).expect("client");
+    suite(&store).await;
+
+    let stranger = AnyStore::connect(&address, Some(&stranger)).expect("client");
+    assert!(
+        matches!(stranger.get("/k").await, Err(StoreError::Unavailable(_))),
+        "a certificate from another CA must be refused"
+    );
+    let plain =
+        AnyStore::connect(&format!("etcd://127.0.0.1:{}", etcd.client_port), None).expect("client");
+    assert!(
+        matches!(plain.get("/k").await, Err(StoreError::Unavailable(_))),
+        "a client without TLS must be refused"
+    );
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&base);
 }

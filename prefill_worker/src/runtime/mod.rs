@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_control_plane::{Registration, RemoteStore, Store};
+use tandem_control_plane::{AnyStore, Registration, Store};
 use tandem_engine::engine::{Engine, EngineConfig, EngineError};
 use tandem_kv_transfer::TransferMetrics;
 use tandem_protocol::grpc::worker::{
@@ -47,9 +47,15 @@ const STORE_GRACE: Duration = Duration::from_secs(3);
 /// Flags every worker takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
-    /// The control-plane store's address.
+    /// The control-plane store: `http://host:port` (a tandem store;
+    /// comma-separate the nodes of a replicated one), `etcd://host:port[,...]`
+    /// or `etcds://host:port[,...]` (etcd over mutual TLS).
     #[arg(long, env = "TANDEM_STORE", value_name = "URL")]
     pub store: String,
+    /// For `etcds://`: a directory with `ca.pem` (the etcd members' CA),
+    /// `node.pem` and `node.key` (this client's certificate and key).
+    #[arg(long, env = "TANDEM_STORE_TLS_DIR", value_name = "DIR")]
+    pub store_tls_dir: Option<std::path::PathBuf>,
     /// The cluster to join (the store key prefix `/tandem/<cluster>/`).
     #[arg(long, default_value = "local")]
     pub cluster: String,
@@ -93,6 +99,7 @@ impl CommonArgs {
     pub fn new(store: impl Into<String>, tls_dir: impl Into<PathBuf>) -> Self {
         Self {
             store: store.into(),
+            store_tls_dir: None,
             cluster: "local".into(),
             id: None,
             model: None,
@@ -414,7 +421,7 @@ where
         .clone()
         .unwrap_or_else(|| model_name_from_path(&model_path));
     let tls = ClusterTls::load(&args.tls_dir)?;
-    let store = RemoteStore::connect(&args.store)
+    let store = AnyStore::connect(&args.store, args.store_tls_dir.as_deref())
         .with_context(|| format!("store address {}", args.store))?;
 
     let config = args.engine_config()?;
@@ -575,7 +582,7 @@ fn describe(r: ServerResult) -> String {
 }
 
 /// Writes the model card, retrying while the store is unreachable.
-async fn publish_card(store: RemoteStore, key: String, value: Vec<u8>) {
+async fn publish_card(store: AnyStore, key: String, value: Vec<u8>) {
     let mut warned = false;
     loop {
         match store.put(&key, value.clone(), None).await {

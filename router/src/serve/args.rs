@@ -52,9 +52,15 @@ impl FromStr for DisaggMode {
 /// `tandem router`: serve the OpenAI API over the cluster's workers.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouterArgs {
-    /// The control-plane store (`http://host:port`).
+    /// The control-plane store: `http://host:port` (a tandem store;
+    /// comma-separate the nodes of a replicated one), `etcd://host:port[,...]`
+    /// or `etcds://host:port[,...]` (etcd over mutual TLS).
     #[arg(long, env = "TANDEM_STORE")]
     pub store: String,
+    /// For `etcds://`: a directory with `ca.pem` (the etcd members' CA),
+    /// `node.pem` and `node.key` (this client's certificate and key).
+    #[arg(long, env = "TANDEM_STORE_TLS_DIR", value_name = "DIR")]
+    pub store_tls_dir: Option<std::path::PathBuf>,
 
     /// The cluster whose workers to route to.
     #[arg(long, default_value = "local")]
@@ -112,6 +118,7 @@ impl RouterArgs {
     pub fn new(store: impl Into<String>) -> Self {
         Self {
             store: store.into(),
+            store_tls_dir: None,
             cluster: "local".into(),
             id: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
-use tandem_control_plane::{RemoteStore, Store};
+use tandem_control_plane::{AnyStore, Store};
 use tandem_openai::ApiConfig;
 use tandem_protocol::{InstanceInfo, Role, WorkerState};
 use tokio::net::TcpListener;
@@ -60,7 +60,7 @@ impl RouterProcess {
     /// Validates `args`, binds the API address, and starts following the store
     /// at `args.store`.
     pub async fn bind(args: RouterArgs) -> anyhow::Result<Self> {
-        let store = RemoteStore::connect(&args.store)
+        let store = AnyStore::connect(&args.store, args.store_tls_dir.as_deref())
             .with_context(|| format!("store address {:?}", args.store))?;
         Self::bind_with_store(args, store).await
     }
