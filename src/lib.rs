@@ -8,6 +8,7 @@ pub mod bench_serve;
 pub mod bench_transfer;
 pub mod ctl;
 pub mod generate;
+pub mod kubernetes;
 pub mod model_pull;
 pub mod sim;
 pub mod up;
