@@ -151,12 +151,11 @@ impl DecodeService {
         let kv_addr = listener.local_addr()?;
         let endpoints = RoleEndpoints {
             kv_addr: Some(kv_addr),
-            kv_server_name: Some(worker.id.clone()),
         };
         let inner = Inner {
             endpoint: KvEndpoint {
-                addr: kv_addr.to_string(),
-                server_name: worker.id.clone(),
+                addr: worker.advertised(kv_addr),
+                server_name: worker.tls_name.clone(),
             },
             worker,
             receiver,

@@ -244,7 +244,12 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         task: tokio::spawn(tandem_prefill_worker::run(prefill_args, down)),
     };
     let (stop, down) = shutdown();
-    let decode_args = DecodeArgs::new(common(&store_url, decode_dir, "decode-t"));
+    // Registered under an explicit host and checked by a certificate name
+    // other than its id, as workers sharing one certificate are.
+    let mut decode_common = common(&store_url, decode_dir, "decode-t");
+    decode_common.advertise_host = Some("127.0.0.1".into());
+    decode_common.tls_name = Some("localhost".into());
+    let decode_args = DecodeArgs::new(decode_common);
     let mut decode = Node {
         stop: Some(stop),
         task: tokio::spawn(tandem_decode_worker::run(decode_args, down)),
@@ -285,7 +290,13 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     }
     assert!(p.kv_addr.is_none());
     assert!(d.kv_addr.as_deref().is_some_and(|a| !a.ends_with(":0")));
-    assert_eq!(d.kv_server_name.as_deref(), Some("decode-t"));
+    assert_eq!(d.kv_server_name.as_deref(), Some("localhost"));
+    assert_eq!(p.kv_server_name.as_deref(), Some("prefill-t"));
+    assert!(
+        d.kv_addr
+            .as_deref()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    );
     let card_kv = store
         .get(&keys::model(CLUSTER, "SmolLM2-135M-Instruct"))
         .await

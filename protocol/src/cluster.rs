@@ -80,7 +80,8 @@ pub struct InstanceInfo {
     /// The QUIC endpoint receiving KV transfers (decode workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_addr: Option<String>,
-    /// The name on the KV endpoint's certificate.
+    /// The name on the worker's certificate, which peers check on its gRPC
+    /// and KV endpoints (absent: the address's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_server_name: Option<String>,
     /// KV cache capacity in blocks.

@@ -74,6 +74,16 @@ pub struct CommonArgs {
     /// Where to serve `/metrics` and `/health` (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_addr: SocketAddr,
+    /// The host (name or IP) other processes reach this worker at; the
+    /// registered addresses use it with the bound ports (default: the bound
+    /// address; set it when binding 0.0.0.0, e.g. to the pod IP).
+    #[arg(long, env = "TANDEM_ADVERTISE_HOST", value_name = "HOST")]
+    pub advertise_host: Option<String>,
+    /// The name on this node's certificate that peers check on its gRPC and
+    /// KV endpoints (default: the worker's id). Workers that share one
+    /// certificate (a Kubernetes Secret) all give its name.
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Option<String>,
     /// The node's TLS directory: ca.pem, node.pem, node.key (mTLS for gRPC and KV transfers).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: PathBuf,
@@ -106,6 +116,8 @@ impl CommonArgs {
             model_name: None,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_host: None,
+            tls_name: None,
             tls_dir: tls_dir.into(),
             threads: None,
             kv_blocks: None,
@@ -223,6 +235,10 @@ pub struct Worker {
     stopping: CancellationToken,
     /// Set by the `Drain` call: the same as a shutdown signal.
     drain_requested: CancellationToken,
+    /// The host other processes reach this worker at, when not the bound one.
+    advertise_host: Option<String>,
+    /// The name on this node's certificate that peers check.
+    pub tls_name: String,
 }
 
 impl std::fmt::Debug for Worker {
@@ -235,6 +251,15 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
+    /// How other processes reach the endpoint bound at `addr`.
+    pub fn advertised(&self, addr: SocketAddr) -> String {
+        match &self.advertise_host {
+            Some(host) if host.contains(':') => format!("[{host}]:{}", addr.port()),
+            Some(host) => format!("{host}:{}", addr.port()),
+            None => addr.to_string(),
+        }
+    }
+
     /// Whether the worker has stopped taking new requests.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
@@ -380,8 +405,6 @@ pub trait RoleService: Send + Sync + 'static {
 pub struct RoleEndpoints {
     /// The QUIC endpoint receiving KV transfers (decode workers).
     pub kv_addr: Option<SocketAddr>,
-    /// The name on that endpoint's certificate.
-    pub kv_server_name: Option<String>,
 }
 
 /// The addresses a running worker is reachable at.
@@ -445,6 +468,8 @@ where
         idle: Notify::new(),
         stopping: CancellationToken::new(),
         drain_requested: CancellationToken::new(),
+        advertise_host: args.advertise_host.clone(),
+        tls_name: args.tls_name.clone().unwrap_or_else(|| id.clone()),
     });
     let (role_service, endpoints) = build(worker.clone()).await?;
 
@@ -491,10 +516,10 @@ where
         id: id.clone(),
         role,
         model: model_name,
-        grpc_addr: format!("https://{}", addrs.grpc),
-        http_addr: addrs.http.to_string(),
-        kv_addr: endpoints.kv_addr.map(|a| a.to_string()),
-        kv_server_name: endpoints.kv_server_name,
+        grpc_addr: format!("https://{}", worker.advertised(addrs.grpc)),
+        http_addr: worker.advertised(addrs.http),
+        kv_addr: endpoints.kv_addr.map(|a| worker.advertised(a)),
+        kv_server_name: Some(worker.tls_name.clone()),
         kv_blocks: worker.engine.load_report().kv_blocks_total as u64,
         max_sequences,
         state: WorkerState::Serving,

@@ -194,7 +194,7 @@ impl Cluster {
             self.remove(key);
             st = self.lock();
         }
-        let client = match self.client(&info.grpc_addr) {
+        let client = match self.client(&info.grpc_addr, info.kv_server_name.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(worker = %info.id, addr = %info.grpc_addr, error = %e, "ignoring worker with a bad gRPC address");
@@ -296,7 +296,13 @@ impl Cluster {
         st.by_key.clear();
     }
 
-    fn client(&self, addr: &str) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
+    /// A lazy client for the worker at `addr`, whose certificate carries
+    /// `tls_name` (absent: the address's host).
+    fn client(
+        &self,
+        addr: &str,
+        tls_name: Option<&str>,
+    ) -> Result<WorkerClient<Channel>, tonic::transport::Error> {
         let mut endpoint = Endpoint::from_shared(addr.to_owned())?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
@@ -304,7 +310,11 @@ impl Cluster {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         if let Some(tls) = &self.config.tls {
-            endpoint = endpoint.tls_config(tls.clone())?;
+            let tls = match tls_name {
+                Some(name) => tls.clone().domain_name(name),
+                None => tls.clone(),
+            };
+            endpoint = endpoint.tls_config(tls)?;
         }
         Ok(WorkerClient::new(endpoint.connect_lazy()))
     }
