@@ -45,6 +45,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:2379")]
         listen: std::net::SocketAddr,
     },
+    /// Certificates for a cluster that `tandem up` does not start.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Replay a request trace through the router against simulated workers.
     Sim(tandem::sim::SimArgs),
     /// Measure performance.
@@ -64,6 +69,23 @@ enum Command {
 enum ModelCommand {
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache; prints its path.
     Pull,
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a new cluster CA and one shared identity (ca.pem, node.pem,
+    /// node.key) into DIR, the layout `--tls-dir` reads.
+    Init {
+        /// Where to write the files (must not hold them already).
+        dir: PathBuf,
+        /// A DNS name or IP address the certificate is valid for (repeat for
+        /// more); processes sharing it pass the first as `--tls-name`.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// The cluster's name, for the CA's subject.
+        #[arg(long, default_value = "local")]
+        cluster: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -308,6 +330,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run_dir: a.run_dir,
             worker_args: a.worker_args,
         })?,
+        Command::Tls {
+            command:
+                TlsCommand::Init {
+                    dir,
+                    names,
+                    cluster,
+                },
+        } => {
+            tandem::certs::init(&dir, &cluster, &names)?;
+            println!(
+                "wrote {}: ca.pem, node.pem, node.key (pass --tls-dir {} --tls-name {})",
+                dir.display(),
+                dir.display(),
+                names[0]
+            );
+        }
         Command::Control { listen } => tandem::up::control(listen)?,
         Command::Ctl(a) => tandem::ctl::run(&a)?,
         Command::Bench {
