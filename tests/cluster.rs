@@ -240,6 +240,24 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Every `tandem_*` metric name in `text` (histograms by their `_bucket`
+/// series), sorted and deduplicated.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("tandem_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|n| n.len() > "tandem_".len())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
@@ -507,6 +525,32 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         page.contains("/admin/workers") && page.contains("/metrics"),
         "the dashboard reads the admin API and the metrics"
     );
+
+    eprintln!("cluster test: every metric the Grafana dashboard charts is exported");
+    let (status, mut exported) = c.get(&format!("{api_root}/metrics"));
+    assert_eq!(status, 200);
+    for worker in c.instances().iter().filter(|i| i.role != Role::Router) {
+        let (status, text) = c.get(&format!("http://{}/metrics", worker.http_addr));
+        assert_eq!(status, 200, "{}'s metrics", worker.id);
+        exported.push_str(&text);
+    }
+    let grafana = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/tandem.json"
+    ))
+    .expect("the Grafana dashboard");
+    let charted = metric_names(&grafana);
+    assert!(charted.len() > 20, "the dashboard charts {charted:?}");
+    for name in &charted {
+        assert!(
+            exported
+                .lines()
+                .any(|l| l.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))),
+            "the Grafana dashboard charts {name}, which no process exports"
+        );
+    }
+
     ctl(&["drain", &survivor]);
     let pid = c.pid(&survivor);
     let start = Instant::now();
