@@ -303,6 +303,11 @@ impl State {
         Ok(WatchStream::new(rx, from))
     }
 
+    /// Ends every watch (the store is going away; their clients resume elsewhere).
+    pub(crate) fn close_watchers(&mut self) {
+        self.watchers.clear();
+    }
+
     /// Replaces the data (not the watchers) with a snapshot's. Watchers are cut
     /// off as lagging: changes between the old and new state never reach them,
     /// so they must resume (and may find the revision compacted).

@@ -205,6 +205,8 @@ impl Node {
         }
         self.shared.stopped.store(true, Ordering::SeqCst);
         self.shared.leader.store(0, Ordering::SeqCst);
+        // Nothing more will be applied here: watchers must resume elsewhere.
+        lock(&self.shared.state).close_watchers();
     }
 
     fn drive(&mut self, rx: mpsc::Receiver<Msg>) -> Result<(), Fatal> {
