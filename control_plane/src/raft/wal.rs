@@ -7,6 +7,7 @@
 //!   already read replaces it and everything after (the leader overwrote an
 //!   uncommitted tail). A torn or corrupt record (a crash mid-write) ends the log:
 //!   it and whatever follows are cut off when the log is opened.
+//! - `lock`: locked while a process has the directory open, so two cannot.
 //! - `snapshot`: one record of the same framing holding an `eraftpb` `Snapshot`
 //!   whose data is a `tandem.raft.v1.StateSnapshot`; written to `snapshot.tmp`,
 //!   synced and renamed over the old one. Taking a snapshot rewrites `wal` the
@@ -38,6 +39,8 @@ pub(crate) struct Recovered {
 pub(crate) struct Wal {
     dir: PathBuf,
     file: File,
+    /// `dir/lock`, locked while this process uses the directory.
+    _lock: File,
 }
 
 fn frame(kind: u8, body: &[u8], out: &mut Vec<u8>) {
@@ -92,6 +95,17 @@ impl Wal {
     /// cutting off a torn or corrupt tail of the log.
     pub(crate) fn open(dir: &Path) -> io::Result<(Wal, Recovered)> {
         std::fs::create_dir_all(dir)?;
+        let lock = File::create(dir.join("lock"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    "the directory is in use by another store",
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
         let mut recovered = Recovered::default();
         let snap_path = dir.join("snapshot");
         if snap_path.exists() {
@@ -176,6 +190,7 @@ impl Wal {
             Wal {
                 dir: dir.to_owned(),
                 file,
+                _lock: lock,
             },
             recovered,
         ))
@@ -266,6 +281,7 @@ mod tests {
         let dir = temp_dir("torn");
         let (mut wal, rec) = Wal::open(&dir).expect("open");
         assert!(rec.entries.is_empty() && rec.snapshot.is_none());
+        assert!(Wal::open(&dir).is_err(), "a directory in use is refused");
         let hs = HardState {
             term: 2,
             commit: 3,
