@@ -259,6 +259,26 @@ impl Core {
     }
 }
 
+/// raft-rs logs through slog; this forwards its records to tracing (target
+/// `raft`), one level quieter (its info is per election and per snapshot).
+struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, record: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        let msg = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{msg}"),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}"),
+            slog::Level::Info => tracing::debug!(target: "raft", "{msg}"),
+            slog::Level::Debug | slog::Level::Trace => tracing::trace!(target: "raft", "{msg}"),
+        }
+        Ok(())
+    }
+}
+
 /// The node's thread and peer server; stopped when the last clone of the
 /// store is dropped.
 struct Running {
@@ -380,8 +400,7 @@ impl EmbeddedStore {
         raft_config
             .validate()
             .map_err(|e| StoreError::Invalid(e.to_string()))?;
-        // raft-rs logs through slog; this crate logs through tracing.
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = slog::Logger::root(TracingDrain, slog::o!("node" => id));
         let storage = DiskStorage { mem, snapshot };
         let mut raw = RawNode::new(&raft_config, storage, &logger)
             .map_err(|e| unavailable("starting raft", &e))?;
