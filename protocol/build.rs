@@ -6,7 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("CARGO_FEATURE_GRPC").is_none() {
         return Ok(());
     }
-    let fds = protox::compile(["store.proto", "worker.proto"], ["proto"])?;
+    let fds = protox::compile(["store.proto", "worker.proto", "raft.proto"], ["proto"])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -139,7 +139,7 @@ async fn measure_in(
     model: &Path,
     dir: &Path,
 ) -> anyhow::Result<FrontendBenchReport> {
-    let local_store = LoopbackStore::start().await?;
+    let local_store = LoopbackStore::start(&dir.join("store")).await?;
     let (store, store_url) = (local_store.store.clone(), local_store.url.clone());
 
     let ca = ClusterCa::generate("tandem bench frontend")?;

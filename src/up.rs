@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use tandem_control_plane::{MemStore, Store};
+use tandem_control_plane::{EmbeddedConfig, EmbeddedStore, Store, parse_peers};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_protocol::{InstanceInfo, Role, keys};
 use tokio::process::{Child, Command};
@@ -139,7 +139,7 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
             .with_context(|| format!("the API address {} is not free", opts.listen))?,
     );
 
-    let local_store = LoopbackStore::start().await?;
+    let local_store = LoopbackStore::start(&dir.join("store")).await?;
     let (store, store_url) = (local_store.store.clone(), local_store.url.clone());
 
     let ca = ClusterCa::generate(&format!("tandem {} cluster", opts.cluster))?;
@@ -262,9 +262,10 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     outcome
 }
 
-/// The embedded store, served over gRPC on a free loopback port.
+/// The embedded store (a Raft group of one), served over gRPC on a free
+/// loopback port.
 pub struct LoopbackStore {
-    pub store: MemStore,
+    pub store: EmbeddedStore,
     /// Its gRPC URL (`http://127.0.0.1:PORT`).
     pub url: String,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -272,9 +273,19 @@ pub struct LoopbackStore {
 }
 
 impl LoopbackStore {
-    /// Binds a free loopback port and serves a fresh store on it.
-    pub async fn start() -> anyhow::Result<Self> {
-        let store = MemStore::new();
+    /// Binds a free loopback port and serves a fresh store on it, its log and
+    /// snapshots in `data_dir` (cleared first: every run starts empty, as its
+    /// registrations and leases belong to processes that are gone).
+    pub async fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        if data_dir.exists() {
+            std::fs::remove_dir_all(data_dir)
+                .with_context(|| format!("clearing {}", data_dir.display()))?;
+        }
+        let store = EmbeddedStore::open(EmbeddedConfig::single(data_dir), None)
+            .await
+            .with_context(|| {
+                format!("opening the control-plane store in {}", data_dir.display())
+            })?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("binding the control-plane store")?;
@@ -298,6 +309,8 @@ impl LoopbackStore {
     /// Stops serving and waits for the server to end.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
+        // Ending the store ends its watches, which lets the server finish.
+        self.store.shutdown().await;
         self.task
             .await
             .context("the control-plane store task")?
@@ -319,7 +332,7 @@ pub fn issue_identity(ca: &ClusterCa, dir: &Path, name: &str) -> anyhow::Result<
 /// Waits until the router and every worker have registered; fails if a child
 /// exits first or the cluster takes too long.
 async fn wait_ready(
-    store: &MemStore,
+    store: &EmbeddedStore,
     cluster: &str,
     decode: usize,
     prefill: usize,
@@ -354,7 +367,7 @@ async fn wait_ready(
 }
 
 /// Registered instances by role.
-async fn registered(store: &MemStore, cluster: &str) -> anyhow::Result<BTreeMap<Role, usize>> {
+async fn registered(store: &EmbeddedStore, cluster: &str) -> anyhow::Result<BTreeMap<Role, usize>> {
     let (kvs, _) = store.list(&keys::instances(cluster)).await?;
     let mut counts = BTreeMap::new();
     for kv in kvs {
@@ -470,22 +483,70 @@ fn terminate(pid: u32) {
     }
 }
 
-/// `tandem control`: serves an embedded store on `listen` until Ctrl-C or SIGTERM.
-pub fn control(listen: SocketAddr) -> anyhow::Result<()> {
+/// `tandem control`'s options.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// The client API address (the Store gRPC service).
+    pub listen: SocketAddr,
+    /// This node's id in its group.
+    pub id: u64,
+    /// Every member's Raft URL (`1=http://host:2380,2=...`); none: a group of one.
+    pub peers: Option<String>,
+    /// Where the node keeps its log and snapshots.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// `tandem control`: runs one node of the embedded store (alone, or in the
+/// group `--peers` lists) and serves its client API on `listen` until Ctrl-C
+/// or SIGTERM.
+pub fn control(opts: ControlOptions) -> anyhow::Result<()> {
+    let peers = match &opts.peers {
+        Some(list) => parse_peers(list)?,
+        None => BTreeMap::new(),
+    };
+    anyhow::ensure!(
+        peers.is_empty() || peers.contains_key(&opts.id),
+        "--id {} is not in --peers",
+        opts.id
+    );
+    let data_dir = opts.data_dir.clone().unwrap_or_else(|| {
+        tandem_engine::paths::cache_dir()
+            .join("control")
+            .join(format!("node{}", opts.id))
+    });
+    let config = EmbeddedConfig {
+        id: opts.id,
+        data_dir: data_dir.clone(),
+        peers,
+        ..EmbeddedConfig::single(&data_dir)
+    };
     crate::runtime()?.block_on(async {
         let mut sigterm =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let listener = tokio::net::TcpListener::bind(listen)
+        let listener = tokio::net::TcpListener::bind(opts.listen)
             .await
-            .with_context(|| format!("binding {listen}"))?;
-        println!("control-plane store on http://{}", listener.local_addr()?);
-        let stop = async move {
-            tokio::select! {
-                _ = sigterm.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+            .with_context(|| format!("binding {}", opts.listen))?;
+        let store = EmbeddedStore::open(config, None)
+            .await
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+        println!(
+            "control-plane store node {} on http://{} (data in {})",
+            opts.id,
+            listener.local_addr()?,
+            data_dir.display()
+        );
+        let stop = {
+            let store = store.clone();
+            async move {
+                tokio::select! {
+                    _ = sigterm.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                // Ends the node's watches, so the server can finish.
+                store.shutdown().await;
             }
         };
-        tandem_control_plane::serve(MemStore::new(), listener, stop)
+        tandem_control_plane::serve(store, listener, stop)
             .await
             .context("serving the store")
     })

@@ -1,4 +1,4 @@
-//! The embedded store served over gRPC to the cluster's other processes.
+//! An embedded store served over gRPC to the cluster's other processes.
 
 use std::future::Future;
 use std::time::Duration;
@@ -10,11 +10,31 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::mem::MemStore;
-use crate::store::{Compare, Event, KeyValue, Store, StoreError, TxnOp};
+use crate::raft::EmbeddedStore;
+use crate::store::{Compare, Event, KeyValue, Revision, Store, StoreError, TxnOp};
+
+/// A store that [`serve`] can offer: one held in this process, which knows the
+/// revision it has reached (the responses carry it).
+pub trait Served: Store {
+    /// The store's current revision, as this process has it.
+    fn revision(&self) -> Revision;
+}
+
+impl Served for MemStore {
+    fn revision(&self) -> Revision {
+        MemStore::revision(self)
+    }
+}
+
+impl Served for EmbeddedStore {
+    fn revision(&self) -> Revision {
+        EmbeddedStore::revision(self)
+    }
+}
 
 /// Serves `store` on `listener` until `shutdown` completes.
-pub async fn serve(
-    store: MemStore,
+pub async fn serve<S: Served>(
+    store: S,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -24,8 +44,8 @@ pub async fn serve(
         .await
 }
 
-struct Service {
-    store: MemStore,
+struct Service<S> {
+    store: S,
 }
 
 pub(crate) fn kv_to_pb(kv: KeyValue) -> pb::KeyValue {
@@ -115,7 +135,7 @@ pub(crate) fn to_status(e: StoreError) -> Status {
 }
 
 #[tonic::async_trait]
-impl pb::store_server::Store for Service {
+impl<S: Served> pb::store_server::Store for Service<S> {
     async fn get(&self, r: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let kv = self
             .store

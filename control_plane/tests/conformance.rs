@@ -1,6 +1,7 @@
-//! One suite, run against every store: the embedded `MemStore` directly and the
+//! One suite, run against every store: the in-memory `MemStore` directly and the
 //! same store served over gRPC on loopback through `RemoteStore` (the suite is
-//! in `common`; `etcd.rs` runs it against a real etcd).
+//! in `common`; `etcd.rs` runs it against a real etcd, `raft.rs` against the
+//! Raft-replicated `EmbeddedStore`).
 
 use std::time::Duration;
 

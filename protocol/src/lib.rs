@@ -20,6 +20,12 @@ pub mod grpc {
         tonic::include_proto!("tandem.store.v1");
     }
 
+    /// The embedded store's peer service and log format (`proto/raft.proto`).
+    pub mod raft {
+        #![allow(missing_docs, clippy::all)]
+        tonic::include_proto!("tandem.raft.v1");
+    }
+
     /// The worker service (`proto/worker.proto`): generate, prefill, KV events, load.
     pub mod worker {
         #![allow(missing_docs, clippy::all)]

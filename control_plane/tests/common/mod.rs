@@ -1,6 +1,7 @@
 //! The conformance suite every `Store` must pass, shared by the test binaries
-//! that run it against each implementation (`conformance.rs`: the embedded and
-//! the gRPC-served store; `etcd.rs`: a real etcd).
+//! that run it against each implementation (`conformance.rs`: the in-memory
+//! and the gRPC-served store; `etcd.rs`: a real etcd; `raft.rs`: the Raft store
+//! with one node and with three).
 
 use std::time::Duration;
 
