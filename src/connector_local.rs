@@ -79,6 +79,8 @@ pub struct Exited {
     pub name: String,
     pub role: Role,
     pub status: std::process::ExitStatus,
+    /// The connector had asked it to drain.
+    pub drained: bool,
 }
 
 /// Starts, drains and supervises the processes of a local cluster.
@@ -193,6 +195,7 @@ impl<S: Store + Clone> LocalConnector<S> {
                             name: p.name,
                             role: p.role,
                             status,
+                            drained: p.draining,
                         });
                     }
                     Ok(None) => i += 1,
@@ -209,6 +212,10 @@ impl<S: Store + Clone> LocalConnector<S> {
                     "tandem up: {} ({}) drained and left the cluster",
                     p.name, p.role
                 );
+            } else if p.drained {
+                // Stopped before it could drain (still starting, or killed
+                // after the drain wait).
+                eprintln!("tandem up: {} ({}) stopped ({})", p.name, p.role, p.status);
             } else {
                 eprintln!(
                     "tandem up: {} ({}) exited unexpectedly ({}); the cluster goes on without it",
@@ -236,6 +243,7 @@ impl<S: Store + Clone> LocalConnector<S> {
                     name: p.name.clone(),
                     role: p.role,
                     status,
+                    drained: p.draining,
                 });
                 false
             }

@@ -14,10 +14,10 @@
 //!   in one worker fewer with headroom for [`DOWN_STREAK`] intervals in a row.
 //!   A role changes at most once per `cooldown_ms`, and an operator's write of
 //!   its desired count restarts that cooldown.
-//! - [`run_planner`] is the I/O: campaign for `planner/leader`, then while
+//! - [`run_planner`] is the I/O: campaign for `planner/leader` ([`Store::campaign`]), then while
 //!   leading: read targets, poll each worker's `Load`, decide, write
 //!   `planner/desired/<role>` and append to the decision log.
-//! - [`campaign`], [`append_decision`], [`read_targets`] and friends are the
+//! - [`append_decision`], [`read_targets`] and friends are the
 //!   store helpers the router's admin API uses too.
 
 use std::collections::BTreeMap;
@@ -57,36 +57,6 @@ const LEADER_TTL: Duration = Duration::from_secs(5);
 const LEADER_TICK: Duration = Duration::from_millis(1_000);
 
 // ----- store helpers -----
-
-/// Campaigns for `key`: puts `value` under `lease` if no one holds the key.
-/// True if this lease holds it now (it just won, or already held it). The
-/// key goes when the lease does, and the next campaign wins then. Works with
-/// any [`Store`]: a compare-and-swap on "the key does not exist".
-pub async fn campaign<S: Store>(
-    store: &S,
-    key: &str,
-    value: Vec<u8>,
-    lease: LeaseId,
-) -> Result<bool, StoreError> {
-    let won = store
-        .txn(
-            vec![Compare {
-                key: key.to_owned(),
-                mod_revision: 0,
-            }],
-            vec![TxnOp::Put {
-                key: key.to_owned(),
-                value,
-                lease: Some(lease),
-            }],
-            vec![],
-        )
-        .await?;
-    if won {
-        return Ok(true);
-    }
-    Ok(store.get(key).await?.is_some_and(|kv| kv.lease == lease))
-}
 
 /// The planner targets of `cluster` (the defaults when none are stored).
 pub async fn read_targets<S: Store>(store: &S, cluster: &str) -> Result<PlannerTargets, String> {
@@ -551,7 +521,7 @@ pub async fn run_planner<S: Store + Clone, P: LoadProbe>(
     loop {
         let attempt = async {
             let lease = store.lease_grant(LEADER_TTL).await?;
-            if !campaign(&store, &key, id.clone().into_bytes(), lease).await? {
+            if !store.campaign(&key, id.clone().into_bytes(), lease).await? {
                 let _ = store.lease_revoke(lease).await;
                 return Ok::<_, StoreError>(false);
             }
@@ -958,23 +928,27 @@ mod tests {
             .await
             .expect("lease");
         assert!(
-            campaign(&store, "/l", b"a".to_vec(), a)
+            store
+                .campaign("/l", b"a".to_vec(), a)
                 .await
                 .expect("campaign")
         );
         assert!(
-            !campaign(&store, "/l", b"b".to_vec(), b)
+            !store
+                .campaign("/l", b"b".to_vec(), b)
                 .await
                 .expect("campaign")
         );
         assert!(
-            campaign(&store, "/l", b"a".to_vec(), a)
+            store
+                .campaign("/l", b"a".to_vec(), a)
                 .await
                 .expect("campaign")
         );
         store.lease_revoke(a).await.expect("revoke");
         assert!(
-            campaign(&store, "/l", b"b".to_vec(), b)
+            store
+                .campaign("/l", b"b".to_vec(), b)
                 .await
                 .expect("campaign")
         );
