@@ -1025,4 +1025,51 @@ mod tests {
         assert_eq!(log.len(), 1);
         assert_eq!((log[0].from, log[0].to), (1, 4));
     }
+
+    #[tokio::test]
+    async fn one_planner_leads_and_another_takes_over_when_it_stops() {
+        let store = MemStore::new();
+        let probe = Arc::new(FixedLoad(LoadResponse::default()));
+        let (stop_a, stopped_a) = watch::channel(false);
+        let (stop_b, stopped_b) = watch::channel(false);
+        let a = tokio::spawn(run_planner(
+            store.clone(),
+            "c".into(),
+            "a".into(),
+            probe.clone(),
+            stopped_a,
+        ));
+        let leader = async || {
+            for _ in 0..100 {
+                if let Some(id) = read_leader(&store, "c").await.expect("leader") {
+                    return id;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("no leader");
+        };
+        assert_eq!(leader().await, "a");
+        let b = tokio::spawn(run_planner(
+            store.clone(),
+            "c".into(),
+            "b".into(),
+            probe,
+            stopped_b,
+        ));
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(leader().await, "a", "the leader keeps its place");
+        stop_a.send(true).expect("stop");
+        a.await.expect("a ends");
+        let start = std::time::Instant::now();
+        while leader().await != "b" {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "b did not take over"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop_b.send(true).expect("stop");
+        b.await.expect("b ends");
+        assert_eq!(read_leader(&store, "c").await.expect("leader"), None);
+    }
 }
