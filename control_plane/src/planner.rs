@@ -431,18 +431,20 @@ impl Policy {
             0
         };
 
-        // Bounds come first and ignore the cooldown.
+        // Nothing changes within the cooldown, so an operator's count (even one
+        // outside the bounds) holds for at least that long.
+        if state
+            .last_change_ms
+            .is_some_and(|t| now < t.saturating_add(targets.cooldown_ms))
+        {
+            return None;
+        }
+        // Then the bounds, then demand.
         let (to, reason) = if current < min {
             (min, format!("below min_{role} ({min})"))
         } else if current > max {
             (max, format!("above max_{role} ({max})"))
         } else {
-            if state
-                .last_change_ms
-                .is_some_and(|t| now < t.saturating_add(targets.cooldown_ms))
-            {
-                return None;
-            }
             let up = if violated && demand > 0.0 {
                 Some(needed.max(current.saturating_add(1)))
             } else if needed > current {
@@ -788,9 +790,20 @@ mod tests {
         let mut p = Policy::default();
         let changes = p.decide(&targets(), &obs(10_000, 4, 8, 900.0));
         assert!(changes.is_empty(), "already at max_decode: {changes:?}");
-        // Desired 0 is below min_decode: fixed at once.
+        // An operator's 6 is above max_decode: it holds for the cooldown, then
+        // comes back within the bounds.
+        let mut p = Policy::default();
+        let mut o = obs(10_000, 6, 0, 0.0);
+        o.desired_decode = desired(6, "operator", 9_000);
+        assert!(p.decide(&targets(), &o).is_empty(), "within the cooldown");
+        o.at_ms = 14_000;
+        let changes = p.decide(&targets(), &o);
+        assert_eq!(changes[0].to, 4, "{changes:?}");
+        assert!(changes[0].reason.contains("max_decode"));
+        // Desired 0 is below min_decode (no cooldown running): fixed at once.
+        let mut p = Policy::default();
         let mut o = obs(10_000, 1, 0, 0.0);
-        o.desired_decode = desired(0, "operator", 9_999);
+        o.desired_decode = desired(0, "planner", 0);
         let changes = p.decide(&targets(), &o);
         assert_eq!(changes[0].to, 1, "{changes:?}");
         assert!(changes[0].reason.contains("min_decode"));
