@@ -8,6 +8,12 @@
 //! cluster file that `tandem ctl` and tests read, and then supervises: a child
 //! that exits is reported at once; Ctrl-C or SIGTERM stops every child
 //! gracefully (SIGTERM, then SIGKILL after the drain timeout) and then the store.
+//!
+//! The children are the `local` connector's ([`LocalConnector`]): a reconcile
+//! loop keeps the workers at `planner/desired/<role>` (written from
+//! `--prefill`/`--decode` at start, then by operators or, with `--autoscale`,
+//! by the planner that runs here too), starting new ones and draining extra
+//! ones; the cluster file's process list follows.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
