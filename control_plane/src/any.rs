@@ -124,6 +124,15 @@ impl Store for AnyStore {
     ) -> Result<bool, StoreError> {
         each!(self, s => s.txn(compare, success, failure).await)
     }
+
+    async fn campaign(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.campaign(key, value, lease).await)
+    }
 }
 
 #[cfg(test)]

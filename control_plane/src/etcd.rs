@@ -108,50 +108,6 @@ impl EtcdStore {
         })
     }
 
-    /// Claims `key` for this process if nobody holds it: writes `value` there,
-    /// attached to `lease`, only if the key does not exist (one transaction).
-    /// Says whether the caller holds the key now, which is also true when it
-    /// already held it under the same lease. The claim ends with the lease
-    /// (expiry or [`Store::lease_revoke`]); the others watch the key and
-    /// campaign again when it is deleted. This is the simple form of etcd's
-    /// election, with no queue of candidates: enough to pick one leader among
-    /// a few planners.
-    pub async fn campaign(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: LeaseId,
-    ) -> Result<bool, StoreError> {
-        let request = wire::TxnRequest {
-            compare: vec![wire::Compare {
-                result: wire::compare::EQUAL,
-                target: wire::compare::CREATE,
-                key: key.into(),
-                target_union: Some(wire::compare::TargetUnion::CreateRevision(0)),
-            }],
-            success: vec![op_to_wire(TxnOp::Put {
-                key: key.to_owned(),
-                value,
-                lease: Some(lease),
-            })],
-            failure: vec![wire::RequestOp {
-                request: Some(wire::request_op::Request::Range(wire::RangeRequest {
-                    key: key.into(),
-                    ..Default::default()
-                })),
-            }],
-        };
-        let resp: wire::TxnResponse = self.unary(TXN, request, Some(lease)).await?;
-        if resp.succeeded {
-            return Ok(true);
-        }
-        let holder = resp.responses.into_iter().find_map(|r| match r.response {
-            Some(wire::response_op::Response::Range(range)) => range.kvs.first().map(|kv| kv.lease),
-            _ => None,
-        });
-        Ok(holder == Some(lease))
-    }
-
     /// Discards the history before `revision`: watches can no longer start
     /// before it (they get [`StoreError::Compacted`]). etcd keeps every
     /// revision until it is compacted, by this call or by its own
@@ -763,6 +719,44 @@ impl Store for EtcdStore {
         let request = wire::LeaseRevokeRequest { id };
         let _: wire::LeaseRevokeResponse = self.unary(LEASE_REVOKE, request, Some(id)).await?;
         Ok(())
+    }
+
+    /// [`Store::campaign`] in one transaction: create-if-absent, else read
+    /// the holder's lease.
+    async fn campaign(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<bool, StoreError> {
+        let request = wire::TxnRequest {
+            compare: vec![wire::Compare {
+                result: wire::compare::EQUAL,
+                target: wire::compare::CREATE,
+                key: key.into(),
+                target_union: Some(wire::compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![op_to_wire(TxnOp::Put {
+                key: key.to_owned(),
+                value,
+                lease: Some(lease),
+            })],
+            failure: vec![wire::RequestOp {
+                request: Some(wire::request_op::Request::Range(wire::RangeRequest {
+                    key: key.into(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        let resp: wire::TxnResponse = self.unary(TXN, request, Some(lease)).await?;
+        if resp.succeeded {
+            return Ok(true);
+        }
+        let holder = resp.responses.into_iter().find_map(|r| match r.response {
+            Some(wire::response_op::Response::Range(range)) => range.kvs.first().map(|kv| kv.lease),
+            _ => None,
+        });
+        Ok(holder == Some(lease))
     }
 
     /// etcd refuses a transaction that writes one key twice (`Invalid`). An

@@ -188,4 +188,40 @@ pub trait Store: Send + Sync + 'static {
         success: Vec<TxnOp>,
         failure: Vec<TxnOp>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Claims `key` for the holder of `lease` if nobody holds it: writes
+    /// `value` there, attached to the lease, only if the key does not exist.
+    /// Says whether the caller holds the key now, which is also true when it
+    /// already held it under the same lease. The claim ends with the lease
+    /// (expiry or revoke); the others campaign again after. The simple form of
+    /// etcd's election, with no queue of candidates: enough to pick one leader
+    /// among a few planners. The default is a create-if-absent transaction and
+    /// a read of the holder; a store may do both in one round trip.
+    fn campaign(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let won = self
+                .txn(
+                    vec![Compare {
+                        key: key.to_owned(),
+                        mod_revision: 0,
+                    }],
+                    vec![TxnOp::Put {
+                        key: key.to_owned(),
+                        value,
+                        lease: Some(lease),
+                    }],
+                    vec![],
+                )
+                .await?;
+            if won {
+                return Ok(true);
+            }
+            Ok(self.get(key).await?.is_some_and(|kv| kv.lease == lease))
+        }
+    }
 }

@@ -173,4 +173,56 @@ pub async fn suite(s: &(impl Store + Clone)) {
     watch_replays_from_a_revision_then_follows(s).await;
     lease_expires_when_its_holder_stops(s).await;
     compare_and_swap_is_atomic(s).await;
+    campaign_elects_one_leader_per_lease(s).await;
+}
+
+/// One of several campaigners wins; the key is the winner's until its lease
+/// ends, and then another campaign wins.
+async fn campaign_elects_one_leader_per_lease(s: &(impl Store + Clone)) {
+    let mut leases = Vec::new();
+    for _ in 0..4 {
+        leases.push(s.lease_grant(Duration::from_secs(30)).await.expect("grant"));
+    }
+    let tasks: Vec<_> = leases
+        .iter()
+        .map(|&lease| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.campaign("/e/leader", lease.to_string().into_bytes(), lease)
+                    .await
+                    .expect("campaign")
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (task, lease) in tasks.into_iter().zip(&leases) {
+        if task.await.expect("task") {
+            winners.push(*lease);
+        }
+    }
+    assert_eq!(winners.len(), 1, "one leader: {winners:?}");
+    let leader = winners[0];
+    // The leader campaigning again still holds it; the others still do not.
+    assert!(
+        s.campaign("/e/leader", b"x".to_vec(), leader)
+            .await
+            .expect("campaign")
+    );
+    let other = *leases.iter().find(|&&l| l != leader).expect("another");
+    assert!(
+        !s.campaign("/e/leader", b"x".to_vec(), other)
+            .await
+            .expect("campaign")
+    );
+    s.lease_revoke(leader).await.expect("revoke");
+    assert!(
+        s.campaign("/e/leader", b"next".to_vec(), other)
+            .await
+            .expect("campaign")
+    );
+    let kv = s.get("/e/leader").await.expect("get").expect("held");
+    assert_eq!((kv.value.as_slice(), kv.lease), (b"next".as_slice(), other));
+    for lease in leases.into_iter().filter(|&l| l != leader) {
+        s.lease_revoke(lease).await.expect("revoke");
+    }
 }
