@@ -199,7 +199,11 @@ impl Up {
             || self.child.try_wait().ok().flatten(),
             String::new,
         );
-        assert!(status.success(), "tandem up exited with {status}: {}", self.log());
+        assert!(
+            status.success(),
+            "tandem up exited with {status}: {}",
+            self.log()
+        );
     }
 }
 
@@ -297,8 +301,13 @@ impl<'a> Browser<'a> {
                 },
             },
         });
-        let v = call(http, "POST", &format!("{}/session", driver.url), Some(&caps))
-            .unwrap_or_else(|e| panic!("chromedriver could not start Chromium: {e}"));
+        let v = call(
+            http,
+            "POST",
+            &format!("{}/session", driver.url),
+            Some(&caps),
+        )
+        .unwrap_or_else(|e| panic!("chromedriver could not start Chromium: {e}"));
         let id = v["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session id in {v}"));
@@ -352,10 +361,8 @@ impl<'a> Browser<'a> {
 
     /// The ids of the decode workers the page lists.
     fn decode_rows(&self) -> Vec<String> {
-        let v = self.js(
-            "return Array.from(document.querySelectorAll(\
-             '[data-testid=worker-row][data-role=decode]')).map(r => r.dataset.id)",
-        );
+        let v = self.js("return Array.from(document.querySelectorAll(\
+             '[data-testid=worker-row][data-role=decode]')).map(r => r.dataset.id)");
         v.as_array()
             .map(|a| {
                 a.iter()
