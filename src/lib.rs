@@ -6,6 +6,7 @@ pub mod bench_frontend;
 pub mod bench_router;
 pub mod bench_serve;
 pub mod bench_transfer;
+pub mod connector_local;
 pub mod ctl;
 pub mod generate;
 pub mod model_pull;

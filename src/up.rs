@@ -12,19 +12,19 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use tandem_control_plane::{MemStore, Store};
+use tandem_control_plane::{Compare, MemStore, Store, TxnOp};
 use tandem_kv_transfer::tls::ClusterCa;
+use tandem_protocol::{Desired, unix_ms};
 use tandem_protocol::{InstanceInfo, Role, keys};
-use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// How long children get to drain before they are killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+use crate::connector_local::{LocalConfig, LocalConnector};
+
 /// How long the cluster may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -100,13 +100,6 @@ fn default_run_dir(cluster: &str) -> PathBuf {
         .join(cluster)
 }
 
-/// One child process of the cluster.
-struct Process {
-    name: String,
-    role: Role,
-    child: Child,
-}
-
 /// Runs the cluster until Ctrl-C or SIGTERM.
 pub fn run(opts: UpOptions) -> anyhow::Result<()> {
     anyhow::ensure!(opts.decode >= 1, "--decode must be at least 1");
@@ -149,7 +142,20 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = opts.threads.unwrap_or((cores / workers).max(1));
 
-    let mut specs: Vec<(String, Role, Vec<String>)> = Vec::new();
+    let connector = Arc::new(LocalConnector::new(
+        LocalConfig {
+            exe,
+            model: opts.model.clone(),
+            threads,
+            worker_args: opts.worker_args.clone(),
+            store_url: store_url.clone(),
+            cluster: opts.cluster.clone(),
+            tls_dir: tls_dir.clone(),
+            admin_token: admin_token.clone(),
+        },
+        ca,
+        store.clone(),
+    )?);
     let mut router_args = vec![
         "router".to_owned(),
         "--listen".to_owned(),
@@ -160,58 +166,30 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
     for key in &opts.api_keys {
         router_args.extend(["--api-key".to_owned(), key.clone()]);
     }
-    specs.push(("router-0".to_owned(), Role::Router, router_args));
-    for (role, n) in [(Role::Prefill, opts.prefill), (Role::Decode, opts.decode)] {
-        for i in 0..n {
-            let mut args = vec![
-                role.as_str().to_owned(),
-                "--model".to_owned(),
-                opts.model.display().to_string(),
-                "--threads".to_owned(),
-                threads.to_string(),
-            ];
-            args.extend(opts.worker_args.iter().cloned());
-            specs.push((format!("{role}-{i}"), role, args));
-        }
-    }
-
-    let mut procs = Vec::new();
-    for (name, role, mut args) in specs {
-        let node_dir = issue_identity(&ca, &tls_dir, &name)?;
-        args.extend([
-            "--store".to_owned(),
-            store_url.clone(),
-            "--cluster".to_owned(),
-            opts.cluster.clone(),
-            "--id".to_owned(),
-            name.clone(),
-            "--tls-dir".to_owned(),
-            node_dir.display().to_string(),
-        ]);
-        let mut command = Command::new(&exe);
-        if role == Role::Router {
-            // In the environment, not on the command line where `ps` shows it.
-            command.env("TANDEM_ADMIN_TOKEN", &admin_token);
-        }
-        let child = command
-            .args(&args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        procs.push(Process { name, role, child });
-    }
-
-    let api_url = format!("http://{}/v1", opts.listen);
-    let ready = tokio::select! {
-        r = wait_ready(&store, &opts.cluster, opts.decode, opts.prefill, &mut procs) => r,
-        _ = sigterm.recv() => Err(anyhow::anyhow!("stopped while starting")),
-        _ = sigint.recv() => Err(anyhow::anyhow!("stopped while starting")),
-    };
     let cluster_file = dir.join("cluster.json");
-    let outcome = match ready {
-        Ok(()) => {
-            let file = ClusterFile {
+    let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let outcome = async {
+        connector.spawn_router(router_args)?;
+        for (role, n) in [(Role::Prefill, opts.prefill), (Role::Decode, opts.decode)] {
+            for _ in 0..n {
+                connector.spawn_worker(role)?;
+            }
+        }
+        // The operator's counts, unless the store already has some.
+        for (role, n) in [(Role::Prefill, opts.prefill), (Role::Decode, opts.decode)] {
+            init_desired(&store, &opts.cluster, role, n).await?;
+        }
+
+        let api_url = format!("http://{}/v1", opts.listen);
+        tokio::select! {
+            r = wait_ready(&store, &opts.cluster, opts.decode, opts.prefill, &connector) => r?,
+            _ = sigterm.recv() => anyhow::bail!("stopped while starting"),
+            _ = sigint.recv() => anyhow::bail!("stopped while starting"),
+        }
+        connector.set_cluster_file(
+            cluster_file.clone(),
+            ClusterFile {
                 cluster: opts.cluster.clone(),
                 api_url: api_url.clone(),
                 store_url: store_url.clone(),
@@ -219,47 +197,79 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
                 admin_url: format!("http://{}/admin", opts.listen),
                 admin_token: admin_token.clone(),
                 pid: std::process::id(),
-                processes: procs
-                    .iter()
-                    .filter_map(|p| {
-                        Some(ProcessInfo {
-                            name: p.name.clone(),
-                            role: p.role,
-                            pid: p.child.id()?,
-                        })
-                    })
-                    .collect(),
-            };
-            write_private(&cluster_file, &serde_json::to_vec_pretty(&file)?)
-                .with_context(|| format!("writing {}", cluster_file.display()))?;
-            println!(
-                "tandem is up: {} prefill, {} decode worker(s), model {}",
-                opts.prefill,
-                opts.decode,
-                opts.model.display()
-            );
-            println!("  API        {api_url}");
-            println!("  dashboard  http://{}/dashboard", opts.listen);
-            println!("  metrics    http://{}/metrics", opts.listen);
-            println!(
-                "  admin      http://{}/admin (token in the cluster file; `tandem ctl`)",
-                opts.listen
-            );
-            println!("  store      {store_url}");
-            println!("  cluster    {}", cluster_file.display());
-            println!("Ctrl-C stops the cluster.");
-            supervise(&mut procs, &mut sigterm, &mut sigint).await;
-            Ok(())
-        }
-        Err(e) => Err(e),
-    };
+                processes: Vec::new(),
+            },
+        );
+        tasks.push(tokio::spawn(tandem_control_plane::reconcile(
+            store.clone(),
+            opts.cluster.clone(),
+            connector.clone(),
+            tasks_stopped.clone(),
+        )));
+        println!(
+            "tandem is up: {} prefill, {} decode worker(s), model {}",
+            opts.prefill,
+            opts.decode,
+            opts.model.display()
+        );
+        println!("  API        {api_url}");
+        println!("  dashboard  http://{}/dashboard", opts.listen);
+        println!("  metrics    http://{}/metrics", opts.listen);
+        println!(
+            "  admin      http://{}/admin (token in the cluster file; `tandem ctl`)",
+            opts.listen
+        );
+        println!("  store      {store_url}");
+        println!("  cluster    {}", cluster_file.display());
+        println!("Ctrl-C stops the cluster.");
+        supervise(&connector, &mut sigterm, &mut sigint).await;
+        Ok(())
+    }
+    .await;
     eprintln!("tandem up: stopping");
-    stop_all(&mut procs).await;
-    let _ = std::fs::remove_file(&cluster_file);
+    let _ = stop_tasks.send(true);
+    for task in tasks {
+        if let Err(e) = task.await {
+            eprintln!("tandem up: a control task ended abnormally: {e}");
+        }
+    }
+    connector.stop_all().await;
+    connector.remove_cluster_file();
     if let Err(e) = local_store.stop().await {
         eprintln!("tandem up: {e:#}");
     }
     outcome
+}
+
+/// Writes `planner/desired/<role>` = `n` (by the operator) unless it is set.
+async fn init_desired<S: Store>(
+    store: &S,
+    cluster: &str,
+    role: Role,
+    n: usize,
+) -> anyhow::Result<()> {
+    let key = keys::planner_desired(cluster, role);
+    let desired = Desired {
+        replicas: u32::try_from(n).context("too many workers")?,
+        by: "operator".to_owned(),
+        at_ms: unix_ms(),
+    };
+    store
+        .txn(
+            vec![Compare {
+                key: key.clone(),
+                mod_revision: 0,
+            }],
+            vec![TxnOp::Put {
+                key,
+                value: serde_json::to_vec(&desired)?,
+                lease: None,
+            }],
+            vec![],
+        )
+        .await
+        .with_context(|| format!("writing the desired {role} count"))?;
+    Ok(())
 }
 
 /// The embedded store, served over gRPC on a free loopback port.
@@ -318,22 +328,21 @@ pub fn issue_identity(ca: &ClusterCa, dir: &Path, name: &str) -> anyhow::Result<
 
 /// Waits until the router and every worker have registered; fails if a child
 /// exits first or the cluster takes too long.
-async fn wait_ready(
-    store: &MemStore,
+async fn wait_ready<S: Store + Clone>(
+    store: &S,
     cluster: &str,
     decode: usize,
     prefill: usize,
-    procs: &mut [Process],
+    connector: &LocalConnector<S>,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + START_TIMEOUT;
     loop {
-        for p in procs.iter_mut() {
-            if let Some(status) = p.child.try_wait()? {
-                bail!(
-                    "{} exited while the cluster was starting ({status})",
-                    p.name
-                );
-            }
+        if let Some(p) = connector.first_exited() {
+            bail!(
+                "{} exited while the cluster was starting ({})",
+                p.name,
+                p.status
+            );
         }
         let counts = registered(store, cluster).await?;
         let n = |r: Role| counts.get(&r).copied().unwrap_or(0);
@@ -354,7 +363,7 @@ async fn wait_ready(
 }
 
 /// Registered instances by role.
-async fn registered(store: &MemStore, cluster: &str) -> anyhow::Result<BTreeMap<Role, usize>> {
+async fn registered<S: Store>(store: &S, cluster: &str) -> anyhow::Result<BTreeMap<Role, usize>> {
     let (kvs, _) = store.list(&keys::instances(cluster)).await?;
     let mut counts = BTreeMap::new();
     for kv in kvs {
@@ -366,9 +375,10 @@ async fn registered(store: &MemStore, cluster: &str) -> anyhow::Result<BTreeMap<
     Ok(counts)
 }
 
-/// Reports children that exit until a stop signal arrives.
-async fn supervise(
-    procs: &mut Vec<Process>,
+/// Reports children that exit (those started later included) until a stop
+/// signal arrives or the router is gone.
+async fn supervise<S: Store + Clone>(
+    connector: &LocalConnector<S>,
     sigterm: &mut tokio::signal::unix::Signal,
     sigint: &mut tokio::signal::unix::Signal,
 ) {
@@ -379,59 +389,12 @@ async fn supervise(
             _ = sigint.recv() => return,
             _ = tick.tick() => {}
         }
-        let mut i = 0;
-        while i < procs.len() {
-            match procs[i].child.try_wait() {
-                Ok(Some(status)) => {
-                    let p = procs.remove(i);
-                    if status.success() {
-                        eprintln!(
-                            "tandem up: {} ({}) drained and left the cluster",
-                            p.name, p.role
-                        );
-                    } else {
-                        eprintln!(
-                            "tandem up: {} ({}) exited unexpectedly ({status}); the cluster goes on without it",
-                            p.name, p.role
-                        );
-                    }
-                }
-                Ok(None) => i += 1,
-                Err(e) => {
-                    eprintln!("tandem up: cannot check {}: {e}", procs[i].name);
-                    i += 1;
-                }
-            }
-        }
-        if !procs.iter().any(|p| p.role == Role::Router) {
+        connector.reap();
+        if !connector.any_running(Role::Router) {
             eprintln!("tandem up: the router is gone; stopping the cluster");
             return;
         }
     }
-}
-
-/// SIGTERM to every child (router first, so it stops taking requests), then
-/// waits; whatever is still running after the timeout is killed.
-async fn stop_all(procs: &mut Vec<Process>) {
-    procs.sort_by_key(|p| p.role != Role::Router);
-    for p in procs.iter() {
-        if let Some(pid) = p.child.id() {
-            terminate(pid);
-        }
-    }
-    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
-    for p in procs.iter_mut() {
-        match tokio::time::timeout_at(deadline, p.child.wait()).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("tandem up: {} stopped with {status}", p.name),
-            Ok(Err(e)) => eprintln!("tandem up: waiting for {}: {e}", p.name),
-            Err(_) => {
-                eprintln!("tandem up: {} did not stop in time; killing it", p.name);
-                let _ = p.child.kill().await;
-            }
-        }
-    }
-    procs.clear();
 }
 
 /// 128 random bits, hex.
@@ -443,7 +406,7 @@ fn random_token() -> std::io::Result<String> {
 }
 
 /// Writes a file only its owner can read.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.partial");
@@ -456,18 +419,6 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-/// Sends SIGTERM to `pid`.
-fn terminate(pid: u32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions; a stale pid only
-    // yields ESRCH, which there is nothing to do about.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
 }
 
 /// `tandem control`: serves an embedded store on `listen` until Ctrl-C or SIGTERM.

@@ -14,6 +14,7 @@
 mod connector;
 mod etcd;
 mod mem;
+mod reconcile;
 mod registration;
 mod remote;
 mod service;
@@ -22,6 +23,7 @@ mod store;
 pub use connector::{Connector, ConnectorError};
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
+pub use reconcile::{WORKER_ROLES, reconcile};
 pub use registration::{DEFAULT_LEASE_TTL, Registration};
 pub use remote::RemoteStore;
 pub use service::serve;

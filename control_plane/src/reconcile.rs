@@ -1,0 +1,253 @@
+//! The reconcile loop: follows `planner/desired/<role>` in the store and asks a
+//! [`Connector`] to make the actual number of workers equal it.
+//!
+//! Each worker role has its own task, so a slow scale-down of one role (a
+//! drain waits for in-flight requests) never holds up the other. A task acts
+//! on the latest desired count only: counts written while a scale was under
+//! way collapse into one. A failed scale is retried after a pause while the
+//! desired count stays what it was.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_protocol::Desired;
+use tandem_protocol::{Role, keys};
+use tokio::sync::watch;
+
+use crate::{Connector, Event, Store, StoreError};
+
+/// Pause before retrying a failed scale or a lost watch.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// The worker roles a connector scales.
+pub const WORKER_ROLES: [Role; 2] = [Role::Prefill, Role::Decode];
+
+/// Follows the desired counts of `cluster` and scales `connector` to them
+/// until `stop` turns true.
+pub async fn reconcile<S: Store, C: Connector>(
+    store: S,
+    cluster: String,
+    connector: Arc<C>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut senders = Vec::new();
+    let mut tasks = Vec::new();
+    for role in WORKER_ROLES {
+        let (tx, rx) = watch::channel::<Option<u32>>(None);
+        senders.push((role, tx));
+        tasks.push(tokio::spawn(scale_role(
+            role,
+            connector.clone(),
+            rx,
+            stop.clone(),
+        )));
+    }
+    let send = |role: Role, replicas: u32| {
+        for (r, tx) in &senders {
+            if *r == role {
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != Some(replicas);
+                    *cur = Some(replicas);
+                    changed
+                });
+            }
+        }
+    };
+    loop {
+        let followed = follow(&store, &cluster, &send);
+        let err = tokio::select! {
+            e = followed => e,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        tracing::warn!(error = %err, "lost the desired counts' watch; following again");
+        tokio::select! {
+            () = tokio::time::sleep(RETRY_AFTER) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    drop(senders);
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "a scaling task ended abnormally");
+        }
+    }
+}
+
+/// Lists the desired counts, then follows their changes; returns why it stopped.
+async fn follow<S: Store>(store: &S, cluster: &str, send: &impl Fn(Role, u32)) -> StoreError {
+    let prefix = desired_prefix(cluster);
+    let (kvs, revision) = match store.list(&prefix).await {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    for kv in kvs {
+        if let Some((role, desired)) = parse(&prefix, &kv.key, &kv.value) {
+            send(role, desired.replicas);
+        }
+    }
+    let mut watch = match store.watch(&prefix, Some(revision + 1)).await {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    loop {
+        match watch.next().await {
+            Ok(Event::Put(kv)) => {
+                if let Some((role, desired)) = parse(&prefix, &kv.key, &kv.value) {
+                    tracing::info!(
+                        %role, replicas = desired.replicas, by = %desired.by,
+                        "desired count changed"
+                    );
+                    send(role, desired.replicas);
+                }
+            }
+            // No desired count: leave the workers as they are.
+            Ok(Event::Delete { .. }) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+/// `/tandem/<cluster>/planner/desired/`.
+pub(crate) fn desired_prefix(cluster: &str) -> String {
+    let key = keys::planner_desired(cluster, Role::Decode);
+    let cut = key.len() - Role::Decode.as_str().len();
+    key[..cut].to_owned()
+}
+
+fn parse(prefix: &str, key: &str, value: &[u8]) -> Option<(Role, Desired)> {
+    let role = Role::from_str(key.strip_prefix(prefix)?).ok()?;
+    if !WORKER_ROLES.contains(&role) {
+        return None;
+    }
+    match Desired::from_json(key, value) {
+        Ok(d) => Some((role, d)),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a desired count");
+            None
+        }
+    }
+}
+
+/// Scales one role to the latest desired count, retrying failures.
+async fn scale_role<C: Connector>(
+    role: Role,
+    connector: Arc<C>,
+    mut desired: watch::Receiver<Option<u32>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let Some(replicas) = *desired.borrow_and_update() else {
+            tokio::select! {
+                r = desired.changed() => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        };
+        let result = tokio::select! {
+            r = connector.scale(role, replicas) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match result {
+            Ok(()) => {
+                tokio::select! {
+                    r = desired.changed() => if r.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%role, replicas, error = %e, "scaling failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY_AFTER) => {}
+                    r = desired.changed() => if r.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{ConnectorError, MemStore};
+
+    #[derive(Default)]
+    struct Fake {
+        counts: Mutex<BTreeMap<Role, u32>>,
+    }
+
+    impl Connector for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+
+        async fn scale(&self, role: Role, replicas: u32) -> Result<(), ConnectorError> {
+            self.counts.lock().expect("lock").insert(role, replicas);
+            Ok(())
+        }
+
+        async fn running(&self, role: Role) -> Result<u32, ConnectorError> {
+            Ok(self
+                .counts
+                .lock()
+                .expect("lock")
+                .get(&role)
+                .copied()
+                .unwrap_or(0))
+        }
+    }
+
+    fn desired(n: u32) -> Vec<u8> {
+        serde_json::to_vec(&Desired {
+            replicas: n,
+            by: "operator".into(),
+            at_ms: 0,
+        })
+        .expect("json")
+    }
+
+    async fn wait_for(fake: &Fake, role: Role, n: u32) {
+        for _ in 0..200 {
+            if fake.running(role).await.expect("running") == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{role} never reached {n}");
+    }
+
+    #[tokio::test]
+    async fn scales_to_the_existing_then_the_changed_desired_counts() {
+        let store = MemStore::new();
+        store
+            .put(&keys::planner_desired("c", Role::Decode), desired(2), None)
+            .await
+            .expect("put");
+        let fake = Arc::new(Fake::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(reconcile(store.clone(), "c".into(), fake.clone(), stopped));
+        wait_for(&fake, Role::Decode, 2).await;
+        store
+            .put(&keys::planner_desired("c", Role::Prefill), desired(3), None)
+            .await
+            .expect("put");
+        store
+            .put(&keys::planner_desired("c", Role::Decode), desired(1), None)
+            .await
+            .expect("put");
+        // Another cluster's keys are not ours.
+        store
+            .put(&keys::planner_desired("d", Role::Decode), desired(5), None)
+            .await
+            .expect("put");
+        wait_for(&fake, Role::Prefill, 3).await;
+        wait_for(&fake, Role::Decode, 1).await;
+        stop.send(true).expect("stop");
+        task.await.expect("reconcile ends");
+        assert_eq!(fake.running(Role::Decode).await.expect("running"), 1);
+    }
+}
