@@ -482,6 +482,34 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
     };
 
     let browser = Browser::open(&http, &driver);
+    let button_disabled = || {
+        browser
+            .js("return document.querySelector('[data-testid=scale-decode-up]').disabled")
+            .as_bool()
+    };
+    let admin_message =
+        || browser.js("return document.querySelector('[data-testid=admin-message]').innerText");
+
+    // A wrong token: the page says the router refused it and keeps the controls off.
+    browser.go(&format!("{}/dashboard#token=not-the-token", up.root()));
+    wait_for(
+        "the page reports the refused token",
+        Duration::from_secs(10),
+        || {
+            admin_message()
+                .as_str()
+                .is_some_and(|m| m.contains("401"))
+                .then_some(())
+        },
+        || format!("the page says {}", admin_message()),
+    );
+    assert_eq!(
+        button_disabled(),
+        Some(true),
+        "no controls without a good token"
+    );
+
+    // The right token, from the link's fragment.
     browser.go(&format!(
         "{}/dashboard#token={}",
         up.root(),
@@ -505,13 +533,8 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
     wait_for(
         "the scale-up button is enabled",
         Duration::from_secs(10),
-        || {
-            browser
-                .js("return document.querySelector('[data-testid=scale-decode-up]').disabled")
-                .as_bool()
-                .filter(|d| !d)
-        },
-        || browser.js("return document.body.innerText").to_string(),
+        || button_disabled().filter(|d| !d),
+        || format!("the page says {}", admin_message()),
     );
     browser.click("[data-testid=scale-decode-up]");
     eprintln!(
@@ -528,7 +551,7 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
         format!(
             "{shot}; page says {} (message: {}); admin API lists {:?}; store holds {:?}; {}",
             browser.js("return document.querySelector('[data-testid=scale-card]').innerText"),
-            browser.js("return document.querySelector('[data-testid=admin-message]').innerText"),
+            admin_message(),
             up.admin_decode(&http),
             up.registered_decode(),
             up.log()
