@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_control_plane::{Connector, ConnectorError, Store};
+use tandem_control_plane::{Connector, ConnectorError, LoadProbe, Store};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_prefill_worker::runtime::ClusterTls;
 use tandem_protocol::grpc::worker::{DrainRequest, LoadRequest, LoadResponse};
@@ -336,7 +336,7 @@ impl<S: Store + Clone> LocalConnector<S> {
     }
 
     /// A worker's load report.
-    pub async fn load(&self, info: &InstanceInfo) -> Result<LoadResponse, String> {
+    pub async fn worker_load(&self, info: &InstanceInfo) -> Result<LoadResponse, String> {
         let mut client = self
             .tls
             .worker_client(&info.grpc_addr)
@@ -366,7 +366,7 @@ impl<S: Store + Clone> LocalConnector<S> {
         for (age, name) in candidates.into_iter().enumerate() {
             let info = registered.get(&name).cloned();
             let load = match &info {
-                Some(info) => match self.load(info).await {
+                Some(info) => match self.worker_load(info).await {
                     Ok(l) => u64::from(l.running) + u64::from(l.waiting),
                     Err(_) => u64::MAX,
                 },
@@ -526,6 +526,12 @@ impl<S: Store + Clone> Connector for LocalConnector<S> {
     async fn running(&self, role: Role) -> Result<u32, ConnectorError> {
         self.reap();
         Ok(self.count(role))
+    }
+}
+
+impl<S: Store + Clone> LoadProbe for LocalConnector<S> {
+    async fn load(&self, info: &InstanceInfo) -> Result<LoadResponse, String> {
+        self.worker_load(info).await
     }
 }
 

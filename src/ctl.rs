@@ -49,6 +49,34 @@ pub enum CtlCommand {
         /// The worker's id (`tandem ctl workers` lists them).
         id: String,
     },
+    /// Set the desired number of workers of a role (no argument: show the counts).
+    Scale {
+        /// `prefill` or `decode`.
+        role: Option<String>,
+        /// How many workers it should run.
+        replicas: Option<u32>,
+    },
+    /// Show the planner's SLA targets, or change some of them.
+    Targets {
+        /// Time-to-first-token target, ms.
+        #[arg(long)]
+        ttft_ms: Option<f64>,
+        /// Inter-token latency target, ms.
+        #[arg(long)]
+        itl_ms: Option<f64>,
+        /// Any other fields as JSON, merged too (`{"max_decode":3,"cooldown_ms":5000}`).
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// The planner's decision log, newest first.
+    Decisions {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print `{"leader": ..., "decisions": [...]}`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 struct Admin {
@@ -96,13 +124,26 @@ impl Admin {
     }
 
     fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<Value> {
+        self.call_with(method, path, None)
+    }
+
+    fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
-        let resp = self
+        let mut req = self
             .http
             .request(method.clone(), &url)
-            .bearer_auth(&self.token)
-            .send()
-            .with_context(|| format!("{method} {url}"))?;
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
+        }
+        let resp = req.send().with_context(|| format!("{method} {url}"))?;
         let status = resp.status();
         let body = resp.text().context("reading the response")?;
         let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
@@ -135,8 +176,107 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 v["in_flight"].as_u64().unwrap_or(0)
             );
         }
+        CtlCommand::Scale { role, replicas } => match (role, replicas) {
+            (Some(role), Some(n)) => {
+                let body = serde_json::json!({ "replicas": n });
+                admin.call_with(
+                    reqwest::Method::POST,
+                    &format!("/scale/{role}"),
+                    Some(&body),
+                )?;
+                println!("{role}: desired {n} (the connector starts or drains workers to match)");
+            }
+            (None, None) => print_scale(&admin.call(reqwest::Method::GET, "/scale")?),
+            _ => anyhow::bail!("usage: tandem ctl scale prefill|decode N"),
+        },
+        CtlCommand::Targets {
+            ttft_ms,
+            itl_ms,
+            set,
+        } => {
+            let mut patch = match set {
+                Some(json) => {
+                    serde_json::from_str::<Value>(json).context("--set takes a JSON object")?
+                }
+                None => Value::Object(Default::default()),
+            };
+            let fields = patch.as_object_mut().context("--set takes a JSON object")?;
+            if let Some(v) = ttft_ms {
+                fields.insert("ttft_ms".into(), serde_json::json!(v));
+            }
+            if let Some(v) = itl_ms {
+                fields.insert("itl_ms".into(), serde_json::json!(v));
+            }
+            let v = if fields.is_empty() {
+                admin.call(reqwest::Method::GET, "/targets")?
+            } else {
+                admin.call_with(reqwest::Method::PUT, "/targets", Some(&patch))?
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        CtlCommand::Decisions { limit, json } => {
+            let v = admin.call(
+                reqwest::Method::GET,
+                &format!("/planner/decisions?limit={limit}"),
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_decisions(&v);
+            }
+        }
     }
     Ok(())
+}
+
+fn print_scale(v: &Value) {
+    println!(
+        "{:<8} {:>7} {:>7} {:>8}  BY",
+        "ROLE", "DESIRED", "RUNNING", "DRAINING"
+    );
+    for role in ["prefill", "decode"] {
+        let r = &v[role];
+        println!(
+            "{:<8} {:>7} {:>7} {:>8}  {}",
+            role,
+            r["desired"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+            r["running"].as_u64().unwrap_or(0),
+            r["draining"].as_u64().unwrap_or(0),
+            r["by"].as_str().unwrap_or("-"),
+        );
+    }
+}
+
+fn print_decisions(v: &Value) {
+    println!(
+        "planner leader: {}",
+        v["leader"].as_str().unwrap_or("(none)")
+    );
+    let empty = Vec::new();
+    let decisions = v["decisions"].as_array().unwrap_or(&empty);
+    for d in decisions {
+        let secs = d["at_ms"].as_u64().unwrap_or(0) / 1_000;
+        println!(
+            "{} {:<8} {:<7} {} -> {}  {}",
+            format_utc(secs),
+            d["by"].as_str().unwrap_or("?"),
+            d["role"].as_str().unwrap_or("?"),
+            d["from"],
+            d["to"],
+            d["reason"].as_str().unwrap_or(""),
+        );
+    }
+    if decisions.is_empty() {
+        println!("(no decisions yet)");
+    }
+}
+
+/// `HH:MM:SS` UTC of a Unix time in seconds.
+fn format_utc(secs: u64) -> String {
+    let day = secs % 86_400;
+    format!("{:02}:{:02}:{:02}", day / 3_600, day % 3_600 / 60, day % 60)
 }
 
 fn print_workers(v: &Value) {

@@ -141,6 +141,10 @@ struct UpArgs {
     /// Extra arguments passed to every worker (e.g. `--worker-arg=--kv-blocks=512`).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     worker_args: Vec<String>,
+    /// Run the planner: scale prefill and decode workers to the SLA targets
+    /// (`tandem ctl targets`); without it only operators scale them.
+    #[arg(long)]
+    autoscale: bool,
 }
 
 #[derive(Args)]
@@ -307,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             api_keys: a.api_keys,
             run_dir: a.run_dir,
             worker_args: a.worker_args,
+            autoscale: a.autoscale,
         })?,
         Command::Control { listen } => tandem::up::control(listen)?,
         Command::Ctl(a) => tandem::ctl::run(&a)?,

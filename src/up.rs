@@ -48,6 +48,9 @@ pub struct UpOptions {
     pub run_dir: Option<PathBuf>,
     /// Extra arguments for every worker (e.g. `--kv-blocks 512`).
     pub worker_args: Vec<String>,
+    /// Run the planner: it sets the desired worker counts from load and the
+    /// SLA targets (without it only operators change them).
+    pub autoscale: bool,
 }
 
 /// What a running cluster publishes about itself, at `<run dir>/cluster.json`.
@@ -206,6 +209,15 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
             connector.clone(),
             tasks_stopped.clone(),
         )));
+        if opts.autoscale {
+            tasks.push(tokio::spawn(tandem_control_plane::run_planner(
+                store.clone(),
+                opts.cluster.clone(),
+                format!("tandem-up-{}", std::process::id()),
+                connector.clone(),
+                tasks_stopped.clone(),
+            )));
+        }
         println!(
             "tandem is up: {} prefill, {} decode worker(s), model {}",
             opts.prefill,
@@ -221,6 +233,9 @@ async fn up(opts: UpOptions) -> anyhow::Result<()> {
         );
         println!("  store      {store_url}");
         println!("  cluster    {}", cluster_file.display());
+        if opts.autoscale {
+            println!("  planner    on: scales workers to the targets (`tandem ctl targets`)");
+        }
         println!("Ctrl-C stops the cluster.");
         supervise(&connector, &mut sigterm, &mut sigint).await;
         Ok(())

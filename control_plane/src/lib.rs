@@ -14,6 +14,7 @@
 mod connector;
 mod etcd;
 mod mem;
+pub mod planner;
 mod reconcile;
 mod registration;
 mod remote;
@@ -23,6 +24,7 @@ mod store;
 pub use connector::{Connector, ConnectorError};
 pub use etcd::EtcdStore;
 pub use mem::MemStore;
+pub use planner::{LoadProbe, campaign, run_planner};
 pub use reconcile::{WORKER_ROLES, reconcile};
 pub use registration::{DEFAULT_LEASE_TTL, Registration};
 pub use remote::RemoteStore;

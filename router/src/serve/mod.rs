@@ -10,6 +10,7 @@
 //! [`RouterProcess::serve`] answers until shutdown, drains open streams, and
 //! deregisters.
 
+mod admin;
 mod args;
 mod cluster;
 mod generator;
@@ -101,10 +102,13 @@ impl RouterProcess {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .map(str::to_owned);
-        let app = http::app(
-            cluster.clone(),
-            admin_token,
-            tandem_openai::router(generator, api),
+        // The scaling and planner routes; `http::app` keeps the fallback.
+        let app = admin::routes(store.clone(), args.cluster.clone(), admin_token.clone()).merge(
+            http::app(
+                cluster.clone(),
+                admin_token,
+                tandem_openai::router(generator, api),
+            ),
         );
 
         let (stop, stopped) = watch::channel(false);
