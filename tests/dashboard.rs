@@ -460,27 +460,6 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
     let up = Up::start(&http);
     eprintln!("dashboard test: cluster up after {:?}", started.elapsed());
 
-    // A few requests, so that the charts and tiles have something to show.
-    let api = up.file.api_url.clone();
-    let load = {
-        let http = http.clone();
-        std::thread::spawn(move || {
-            for i in 0..4 {
-                let body = json!({
-                    "model": MODEL,
-                    "messages": [{"role": "user", "content": format!("Say hello, operator {i}.")}],
-                    "max_tokens": 8,
-                    "temperature": 0,
-                });
-                let _ = http
-                    .post(format!("{api}/chat/completions"))
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send();
-            }
-        })
-    };
-
     let browser = Browser::open(&http, &driver);
     let button_disabled = || {
         browser
@@ -528,6 +507,31 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
     );
     let registered = up.registered_decode();
     assert_eq!(first, registered, "the page lists what the store holds");
+
+    // Requests while the page watches, so that its charts and tiles show them.
+    let api = up.file.api_url.clone();
+    let load = {
+        let http = http.clone();
+        std::thread::spawn(move || {
+            for i in 0..8 {
+                let body = json!({
+                    "model": MODEL,
+                    "messages": [
+                        {"role": "system", "content": "You answer operators of a serving fleet."},
+                        {"role": "user", "content": format!("Say hello, operator {i}.")},
+                    ],
+                    "max_tokens": 12,
+                    "temperature": 0,
+                });
+                let _ = http
+                    .post(format!("{api}/chat/completions"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send();
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+    };
 
     // The controls are live once the token is accepted.
     wait_for(
@@ -585,6 +589,36 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
     eprintln!(
         "dashboard test: second decode worker {rows:?} after {:?}",
         started.elapsed()
+    );
+
+    // The SLA form writes the targets through the admin API.
+    browser.js(
+        "const i = document.querySelector('[data-testid=targets-ttft]'); \
+         i.value = '900'; i.dispatchEvent(new Event('input')); \
+         document.querySelector('[data-testid=targets-save]').click(); return null",
+    );
+    let targets_url = format!("{}/targets", up.file.admin_url);
+    wait_for(
+        "the TTFT target set in the page reaches the store",
+        Duration::from_secs(10),
+        || {
+            let text = http
+                .get(&targets_url)
+                .bearer_auth(&up.file.admin_token)
+                .send()
+                .ok()?
+                .text()
+                .ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            (v["ttft_ms"].as_f64() == Some(900.0)).then_some(())
+        },
+        || {
+            format!(
+                "the page says {}",
+                browser
+                    .js("return document.querySelector('[data-testid=targets-message]').innerText")
+            )
+        },
     );
 
     let _ = load.join();
