@@ -55,6 +55,9 @@ pub enum CtlCommand {
         role: Option<String>,
         /// How many workers it should run.
         replicas: Option<u32>,
+        /// With no role: print `{"prefill": {...}, "decode": {...}}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the planner's SLA targets, or change some of them.
     Targets {
@@ -176,7 +179,11 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 v["in_flight"].as_u64().unwrap_or(0)
             );
         }
-        CtlCommand::Scale { role, replicas } => match (role, replicas) {
+        CtlCommand::Scale {
+            role,
+            replicas,
+            json,
+        } => match (role, replicas) {
             (Some(role), Some(n)) => {
                 let body = serde_json::json!({ "replicas": n });
                 admin.call_with(
@@ -186,7 +193,14 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 )?;
                 println!("{role}: desired {n} (the connector starts or drains workers to match)");
             }
-            (None, None) => print_scale(&admin.call(reqwest::Method::GET, "/scale")?),
+            (None, None) => {
+                let v = admin.call(reqwest::Method::GET, "/scale")?;
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print_scale(&v);
+                }
+            }
             _ => anyhow::bail!("usage: tandem ctl scale prefill|decode N"),
         },
         CtlCommand::Targets {
