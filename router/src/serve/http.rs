@@ -34,11 +34,18 @@ pub(crate) fn app(cluster: Arc<Cluster>, admin_token: Option<String>, api: Route
         .fallback_service(api)
 }
 
-/// The operator's page: workers, load, hit rate, latency over time, drain
-/// controls (the page asks for the admin token and calls the admin API).
+/// The operator's page, one self-contained file (no external scripts or
+/// styles): cluster status, request rate, TTFT/ITL percentiles and hit rate over
+/// time (from `/metrics`), workers by role with load, desired vs running
+/// replicas with scale controls, SLA targets and the planner's decisions (from
+/// the admin API, with the token the operator gives the page).
 async fn dashboard() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // A new build's page, not a cached one.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         include_str!("dashboard.html"),
     )
         .into_response()
