@@ -19,7 +19,7 @@ use anyhow::Context;
 use tandem_control_plane::{Connector, ConnectorError, LoadProbe, Store};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_prefill_worker::runtime::ClusterTls;
-use tandem_protocol::grpc::worker::{DrainRequest, LoadRequest, LoadResponse};
+use tandem_protocol::grpc::worker::{DrainRequest, LoadResponse};
 use tandem_protocol::{InstanceInfo, Role, keys};
 use tokio::process::{Child, Command};
 
@@ -345,15 +345,7 @@ impl<S: Store + Clone> LocalConnector<S> {
 
     /// A worker's load report.
     pub async fn worker_load(&self, info: &InstanceInfo) -> Result<LoadResponse, String> {
-        let mut client = self
-            .tls
-            .worker_client(&info.grpc_addr)
-            .map_err(|e| format!("{e:#}"))?;
-        match tokio::time::timeout(RPC_TIMEOUT, client.load(LoadRequest {})).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(status.to_string()),
-            Err(_) => Err(format!("no answer in {RPC_TIMEOUT:?}")),
-        }
+        crate::control::worker_load(&self.tls, info).await
     }
 
     /// Picks `n` workers of `role` to stop: those still starting first (they
@@ -402,7 +394,7 @@ impl<S: Store + Clone> LocalConnector<S> {
             p.child.id()
         };
         if let Some(info) = info {
-            match self.tls.worker_client(&info.grpc_addr) {
+            match self.tls.client_of(info) {
                 Ok(mut client) => {
                     match tokio::time::timeout(RPC_TIMEOUT, client.drain(DrainRequest {})).await {
                         Ok(Ok(r)) => {

@@ -8,6 +8,7 @@ pub mod bench_serve;
 pub mod bench_transfer;
 pub mod certs;
 pub mod connector_local;
+pub mod control;
 pub mod ctl;
 pub mod generate;
 pub mod kubernetes;

@@ -40,23 +40,7 @@ enum Command {
     /// Operate a running cluster through the router's admin API.
     Ctl(tandem::ctl::CtlArgs),
     /// Serve the embedded control-plane store over gRPC (what `tandem up` hosts).
-    Control {
-        /// Address to serve the store's client API on.
-        #[arg(long, default_value = "127.0.0.1:2379")]
-        listen: std::net::SocketAddr,
-        /// This node's id in its group (the key of its entry in --peers).
-        #[arg(long, default_value_t = 1)]
-        id: u64,
-        /// Every member's Raft address, this node's included:
-        /// `1=http://10.0.0.1:2380,2=http://10.0.0.2:2380,3=http://10.0.0.3:2380`.
-        /// Without it the node is a group of one.
-        #[arg(long)]
-        peers: Option<String>,
-        /// Where the node keeps its write-ahead log and snapshots
-        /// [default: the cache directory's control/node<ID>].
-        #[arg(long)]
-        data_dir: Option<std::path::PathBuf>,
-    },
+    Control(tandem::control::ControlArgs),
     /// Certificates for a cluster that `tandem up` does not start.
     Tls {
         #[command(subcommand)]
@@ -363,17 +347,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 names[0]
             );
         }
-        Command::Control {
-            listen,
-            id,
-            peers,
-            data_dir,
-        } => tandem::up::control(tandem::up::ControlOptions {
-            listen,
-            id,
-            peers,
-            data_dir,
-        })?,
+        Command::Control(a) => tandem::control::run(a)?,
         Command::Ctl(a) => tandem::ctl::run(&a)?,
         Command::Bench {
             command: BenchCommand::Serve(a),

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use tandem_control_plane::{Compare, EmbeddedConfig, EmbeddedStore, Store, TxnOp, parse_peers};
+use tandem_control_plane::{Compare, EmbeddedConfig, EmbeddedStore, Store, TxnOp};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_protocol::{Desired, unix_ms};
 use tandem_protocol::{InstanceInfo, Role, keys};
@@ -453,73 +453,4 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-/// `tandem control`'s options.
-#[derive(Debug, Clone)]
-pub struct ControlOptions {
-    /// The client API address (the Store gRPC service).
-    pub listen: SocketAddr,
-    /// This node's id in its group.
-    pub id: u64,
-    /// Every member's Raft URL (`1=http://host:2380,2=...`); none: a group of one.
-    pub peers: Option<String>,
-    /// Where the node keeps its log and snapshots.
-    pub data_dir: Option<PathBuf>,
-}
-
-/// `tandem control`: runs one node of the embedded store (alone, or in the
-/// group `--peers` lists) and serves its client API on `listen` until Ctrl-C
-/// or SIGTERM.
-pub fn control(opts: ControlOptions) -> anyhow::Result<()> {
-    let peers = match &opts.peers {
-        Some(list) => parse_peers(list)?,
-        None => BTreeMap::new(),
-    };
-    anyhow::ensure!(
-        peers.is_empty() || peers.contains_key(&opts.id),
-        "--id {} is not in --peers",
-        opts.id
-    );
-    let data_dir = opts.data_dir.clone().unwrap_or_else(|| {
-        tandem_engine::paths::cache_dir()
-            .join("control")
-            .join(format!("node{}", opts.id))
-    });
-    let config = EmbeddedConfig {
-        id: opts.id,
-        data_dir: data_dir.clone(),
-        peers,
-        ..EmbeddedConfig::single(&data_dir)
-    };
-    crate::runtime()?.block_on(async {
-        let mut sigterm =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
-            .with_context(|| format!("binding {}", opts.listen))?;
-        let store = EmbeddedStore::open(config, None)
-            .await
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-        println!(
-            "control-plane store node {} on http://{} (data in {})",
-            opts.id,
-            listener.local_addr()?,
-            data_dir.display()
-        );
-        let stop = {
-            let store = store.clone();
-            async move {
-                tokio::select! {
-                    _ = sigterm.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                // Ends the node's watches, so the server can finish.
-                store.shutdown().await;
-            }
-        };
-        tandem_control_plane::serve(store, listener, stop)
-            .await
-            .context("serving the store")
-    })
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_kv_transfer::tls::{IdentityFiles, NodeIdentity};
+use tandem_protocol::InstanceInfo;
 use tandem_protocol::grpc::worker::worker_client::WorkerClient;
 use tonic::transport::{
     Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
@@ -70,11 +71,21 @@ impl ClusterTls {
 
     /// A lazily connecting channel to a worker's gRPC address (`https://host:port`).
     pub fn channel(&self, url: &str) -> anyhow::Result<Channel> {
+        self.channel_named(url, None)
+    }
+
+    /// [`ClusterTls::channel`], checking the worker's certificate for `name`
+    /// instead of the address's host.
+    fn channel_named(&self, url: &str, name: Option<&str>) -> anyhow::Result<Channel> {
+        let mut tls = self.client_config();
+        if let Some(name) = name {
+            tls = tls.domain_name(name);
+        }
         let endpoint = Endpoint::from_shared(url.to_owned())
             .with_context(|| format!("worker address {url:?}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .tls_config(self.client_config())
+            .tls_config(tls)
             .with_context(|| format!("TLS for {url}"))?;
         Ok(endpoint.connect_lazy())
     }
@@ -82,5 +93,12 @@ impl ClusterTls {
     /// A client of the worker at `url`.
     pub fn worker_client(&self, url: &str) -> anyhow::Result<WorkerClient<Channel>> {
         Ok(WorkerClient::new(self.channel(url)?))
+    }
+
+    /// A client of a registered worker, checking its certificate for the
+    /// name it registered (`kv_server_name`; absent: the address's host).
+    pub fn client_of(&self, info: &InstanceInfo) -> anyhow::Result<WorkerClient<Channel>> {
+        let channel = self.channel_named(&info.grpc_addr, info.kv_server_name.as_deref())?;
+        Ok(WorkerClient::new(channel))
     }
 }
