@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 
 use crate::kubernetes::{KubernetesArgs, KubernetesConnector};
 
+/// How long the store waits for its clients to disconnect when it stops.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a worker has to answer `Load`.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -190,20 +192,38 @@ async fn host_store(
         data_dir.display()
     );
     let tasks = start_services(args, store.clone(), stop).await?;
-    let shutdown = {
-        let store = store.clone();
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(tandem_control_plane::serve(
+        store.clone(),
+        listener,
         async move {
-            signalled.await;
-            // The planner hands its leadership on while the store still serves.
-            let _ = stop_tx.send(true);
-            join(tasks).await;
-            // Ends the node's watches, so the server can finish.
-            store.shutdown().await;
+            let _ = stopped.await;
+        },
+    ));
+    tokio::select! {
+        () = signalled => {}
+        served = &mut server => {
+            return served
+                .context("the store server")?
+                .context("serving the store");
         }
-    };
-    tandem_control_plane::serve(store, listener, shutdown)
-        .await
-        .context("serving the store")
+    }
+    // The planner hands its leadership on while the store still serves.
+    let _ = stop_tx.send(true);
+    join(tasks).await;
+    // Ends the node's watches, so the server can finish; a client holding an
+    // idle connection open must not hold up the exit.
+    store.shutdown().await;
+    let _ = stopped_tx.send(());
+    match tokio::time::timeout(STOP_GRACE, &mut server).await {
+        Ok(served) => served
+            .context("the store server")?
+            .context("serving the store"),
+        Err(_) => {
+            server.abort();
+            Ok(())
+        }
+    }
 }
 
 /// Starts the planner and the connector's reconcile loop, as `args` asks.

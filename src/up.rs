@@ -31,6 +31,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::connector_local::{LocalConfig, LocalConnector};
 
+/// How long the store waits for its clients to disconnect when it stops.
+const STORE_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long the cluster may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -342,10 +344,22 @@ impl LoopbackStore {
         let _ = self.stop.send(());
         // Ending the store ends its watches, which lets the server finish.
         self.store.shutdown().await;
-        self.task
-            .await
-            .context("the control-plane store task")?
-            .context("the control-plane store")
+        // A client that holds a connection open (a process started by hand
+        // against this store) must not hold up the exit.
+        let mut task = self.task;
+        match tokio::time::timeout(STORE_STOP_GRACE, &mut task).await {
+            Ok(joined) => joined
+                .context("the control-plane store task")?
+                .context("the control-plane store"),
+            Err(_) => {
+                task.abort();
+                eprintln!(
+                    "tandem up: the store's clients did not disconnect in {}s; closed them",
+                    STORE_STOP_GRACE.as_secs()
+                );
+                Ok(())
+            }
+        }
     }
 }
 
