@@ -878,6 +878,78 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn writer_round_trips_every_value_type_and_streams_across_tensors() {
+        let meta: Vec<(String, MetaValue)> = [
+            ("u8", MetaValue::U8(7)),
+            ("i8", MetaValue::I8(-7)),
+            ("u16", MetaValue::U16(700)),
+            ("i16", MetaValue::I16(-700)),
+            ("u32", MetaValue::U32(70_000)),
+            ("i32", MetaValue::I32(-70_000)),
+            ("u64", MetaValue::U64(1 << 40)),
+            ("i64", MetaValue::I64(-(1 << 40))),
+            ("f32", MetaValue::F32(0.25)),
+            ("f64", MetaValue::F64(-0.125)),
+            ("bool", MetaValue::Bool(true)),
+            ("str", MetaValue::String("héllo".into())),
+            ("empty", MetaValue::Array(vec![])),
+            (
+                "nested",
+                MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::I32(1)])]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let specs = vec![
+            TensorSpec {
+                name: "a".into(),
+                dims: vec![32, 2],
+                ty: GgmlType::Q8_0,
+            },
+            TensorSpec {
+                name: "b".into(),
+                dims: vec![3],
+                ty: GgmlType::F32,
+            },
+        ];
+        let data: Vec<u8> = (0..2 * 34 + 12).map(|i| i as u8).collect();
+        let mut w = GgufWriter::new(Vec::new(), &meta, &specs).expect("test setup");
+        // Pieces of 5 bytes: one spans the end of "a" and the start of "b".
+        for piece in data.chunks(5) {
+            w.write_data(piece).expect("test setup");
+        }
+        assert!(w.write_data(&[0]).is_err(), "a byte past the last tensor");
+        let f = parse_bytes(&w.finish().expect("test setup")).expect("reads back");
+        for (k, v) in &meta {
+            assert_eq!(f.get(k), Some(v), "{k}");
+        }
+        let (a, a_bytes) = f.tensor_data("a").expect("test setup");
+        assert_eq!((a.ty, a_bytes), (GgmlType::Q8_0, &data[..68]));
+        assert_eq!(f.tensor_data("b").expect("test setup").1, &data[68..]);
+
+        // A short write and a row that is not whole blocks are errors.
+        let mut w = GgufWriter::new(Vec::new(), &meta, &specs).expect("test setup");
+        w.write_data(&data[..10]).expect("test setup");
+        let err = w.finish().expect_err("short");
+        assert!(
+            err.to_string().contains("tensor a has 10 of its 68 bytes"),
+            "{err}"
+        );
+        let bad = [TensorSpec {
+            name: "c".into(),
+            dims: vec![31],
+            ty: GgmlType::Q4_1,
+        }];
+        assert!(GgufWriter::new(Vec::new(), &[], &bad).is_err());
+        let mixed = [(
+            "m".to_string(),
+            MetaValue::Array(vec![MetaValue::U32(1), MetaValue::F32(1.0)]),
+        )];
+        assert!(GgufWriter::new(Vec::new(), &mixed, &[]).is_err());
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         let bytes = sample();
         // The last 20 bytes are padding after the final 12-byte tensor.
