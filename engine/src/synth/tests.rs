@@ -223,3 +223,28 @@ fn tok_ids(path: &Path) -> Vec<u32> {
         .expect("test setup")
         .encode("The quick brown fox", true)
 }
+
+#[test]
+fn llama_shapes_have_the_real_models_parameter_counts() {
+    let count = |shape: Shape| -> (u64, usize, bool) {
+        let planned = plan(&shape.params(), GgmlType::Q4_1);
+        let params = planned
+            .iter()
+            .map(|t| t.spec.dims.iter().product::<u64>())
+            .sum();
+        let bytes = planned
+            .iter()
+            .map(|t| t.spec.n_bytes().expect("whole blocks"))
+            .sum();
+        let untied = planned.iter().any(|t| t.spec.name == "output.weight");
+        (params, bytes, untied)
+    };
+    // Llama 3.2 1B and Llama 3.1 8B as Hugging Face counts them.
+    assert_eq!(count(Shape::Llama1b).0, 1_235_814_400);
+    assert!(!count(Shape::Llama1b).2, "llama-1b ties its embeddings");
+    let (params, bytes, untied) = count(Shape::Llama8b);
+    assert_eq!(params, 8_030_261_248);
+    assert!(untied);
+    // About 5 GB in Q4_1 (20 bytes per 32 weights; norms in f32).
+    assert!((5_000_000_000..5_030_000_000).contains(&bytes), "{bytes}");
+}
