@@ -65,6 +65,27 @@ enum Command {
 enum ModelCommand {
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the cache; prints its path.
     Pull,
+    /// Write a GGUF with a real Llama's shapes and seeded random weights (for speed
+    /// measurements at a realistic size, no download; the output is gibberish).
+    Synth {
+        /// llama-1b (Llama 3.2 1B), llama-8b (Llama 3.1 8B) or tiny (tests).
+        #[arg(long)]
+        shape: String,
+        /// q4_1, q8_0 or f16 (norms stay f32).
+        #[arg(long)]
+        quant: String,
+        /// Seed of the weights: the same seed writes the same file.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The GGUF whose tokenizer to copy (default: the default model, pulled if missing).
+        #[arg(long, value_name = "GGUF")]
+        tokenizer_from: Option<PathBuf>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Where to write the model.
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +276,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let path = tandem::model_pull::pull_default_model(true)?;
             println!("{}", path.display());
+        }
+        Command::Model {
+            command:
+                ModelCommand::Synth {
+                    shape,
+                    quant,
+                    seed,
+                    tokenizer_from,
+                    force,
+                    out,
+                },
+        } => {
+            let opts = tandem_engine::synth::SynthOptions {
+                shape: shape.parse()?,
+                quant: quant.parse()?,
+                seed,
+                tokenizer_from: ModelArg {
+                    model: tokenizer_from,
+                }
+                .resolve()?,
+                out,
+                force,
+            };
+            let start = std::time::Instant::now();
+            let r = tandem_engine::synth::synthesize(&opts)?;
+            println!(
+                "wrote {}: {} tensors, {:.3} B parameters, {:.2} GB, in {:.1} s",
+                r.path.display(),
+                r.n_tensors,
+                r.n_params as f64 / 1e9,
+                r.file_bytes as f64 / 1e9,
+                start.elapsed().as_secs_f64()
+            );
         }
         Command::Generate(a) => {
             let prompt = match (a.prompt, a.chat) {

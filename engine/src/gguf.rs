@@ -553,6 +553,243 @@ impl GgufFile {
     }
 }
 
+/// Writes a GGUF v3 file front to back: the header, metadata and tensor table
+/// first (so every tensor's shape and type is declared up front), then each
+/// tensor's bytes in table order, streamed in pieces of any size. Each tensor's
+/// data is padded to the alignment, as ggml writes it. Nothing is held in
+/// memory beyond what the caller passes in.
+pub struct GgufWriter<W: std::io::Write> {
+    out: W,
+    /// (name, bytes) of every declared tensor, in order.
+    sizes: Vec<(String, usize)>,
+    /// The tensor being written and the bytes of it written so far.
+    current: usize,
+    written: usize,
+    alignment: usize,
+}
+
+/// A tensor the writer will hold: its name, ggml-order dims and type.
+#[derive(Debug, Clone)]
+pub struct TensorSpec {
+    pub name: String,
+    /// Dimensions in ggml order: `dims[0]` is the row length.
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+impl TensorSpec {
+    /// Bytes of the tensor's data, or `None` if its rows are not whole blocks.
+    pub fn n_bytes(&self) -> Option<usize> {
+        let row = *self.dims.first()? as usize;
+        let rows: u64 = self.dims[1..].iter().product();
+        self.ty.row_bytes(row)?.checked_mul(rows as usize)
+    }
+}
+
+impl GgmlType {
+    /// The ggml type id.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 8,
+            Self::BF16 => 30,
+        }
+    }
+}
+
+impl MetaValue {
+    /// The GGUF metadata value type id.
+    fn type_id(&self) -> u32 {
+        match self {
+            Self::U8(_) => 0,
+            Self::I8(_) => 1,
+            Self::U16(_) => 2,
+            Self::I16(_) => 3,
+            Self::U32(_) => 4,
+            Self::I32(_) => 5,
+            Self::F32(_) => 6,
+            Self::Bool(_) => 7,
+            Self::String(_) => 8,
+            Self::Array(_) => 9,
+            Self::U64(_) => 10,
+            Self::I64(_) => 11,
+            Self::F64(_) => 12,
+        }
+    }
+
+    fn write_to(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Self::U8(v) => out.push(*v),
+            Self::I8(v) => out.extend(v.to_le_bytes()),
+            Self::U16(v) => out.extend(v.to_le_bytes()),
+            Self::I16(v) => out.extend(v.to_le_bytes()),
+            Self::U32(v) => out.extend(v.to_le_bytes()),
+            Self::I32(v) => out.extend(v.to_le_bytes()),
+            Self::F32(v) => out.extend(v.to_le_bytes()),
+            Self::U64(v) => out.extend(v.to_le_bytes()),
+            Self::I64(v) => out.extend(v.to_le_bytes()),
+            Self::F64(v) => out.extend(v.to_le_bytes()),
+            Self::Bool(v) => out.push(u8::from(*v)),
+            Self::String(v) => write_str(out, v),
+            Self::Array(items) => {
+                // An empty array's element type is arbitrary; u32 as good as any.
+                let elem = items.first().map_or(4, MetaValue::type_id);
+                if items.iter().any(|i| i.type_id() != elem) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "a GGUF array's items must all have one type",
+                    ));
+                }
+                out.extend(elem.to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                for i in items {
+                    i.write_to(out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+const ZEROS: [u8; 64] = [0; 64];
+
+fn pad(out: &mut impl std::io::Write, n: usize) -> std::io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(ZEROS.len());
+        out.write_all(&ZEROS[..k])?;
+        left -= k;
+    }
+    Ok(())
+}
+
+impl<W: std::io::Write> GgufWriter<W> {
+    /// Writes the header, metadata and tensor table. `general.alignment`, if
+    /// present in `meta`, sets the alignment (32 otherwise).
+    pub fn new(
+        mut out: W,
+        meta: &[(String, MetaValue)],
+        tensors: &[TensorSpec],
+    ) -> std::io::Result<Self> {
+        let alignment = match meta.iter().find(|(k, _)| k == "general.alignment") {
+            None => 32,
+            Some((_, v)) => match v.as_u64() {
+                Some(a) if a.is_power_of_two() && a <= 1 << 20 => a as usize,
+                _ => return Err(invalid(format!("general.alignment {v:?}"))),
+            },
+        };
+        let mut head = b"GGUF".to_vec();
+        head.extend(3u32.to_le_bytes());
+        head.extend((tensors.len() as u64).to_le_bytes());
+        head.extend((meta.len() as u64).to_le_bytes());
+        for (k, v) in meta {
+            write_str(&mut head, k);
+            head.extend(v.type_id().to_le_bytes());
+            v.write_to(&mut head)?;
+        }
+        let mut sizes = Vec::with_capacity(tensors.len());
+        let mut offset = 0usize;
+        for t in tensors {
+            if t.dims.is_empty() || t.dims.len() > MAX_DIMS as usize {
+                return Err(invalid(format!(
+                    "tensor {} has {} dimensions",
+                    t.name,
+                    t.dims.len()
+                )));
+            }
+            let n = t.n_bytes().ok_or_else(|| {
+                invalid(format!(
+                    "tensor {}: row length {} is not a multiple of the {} block size {}",
+                    t.name,
+                    t.dims[0],
+                    t.ty.name(),
+                    t.ty.block_elems()
+                ))
+            })?;
+            write_str(&mut head, &t.name);
+            head.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                head.extend(d.to_le_bytes());
+            }
+            head.extend(t.ty.id().to_le_bytes());
+            head.extend((offset as u64).to_le_bytes());
+            offset += n.div_ceil(alignment) * alignment;
+            sizes.push((t.name.clone(), n));
+        }
+        let padded = head.len().div_ceil(alignment) * alignment;
+        head.resize(padded, 0);
+        out.write_all(&head)?;
+        let mut w = Self {
+            out,
+            sizes,
+            current: 0,
+            written: 0,
+            alignment,
+        };
+        w.skip_empty()?;
+        Ok(w)
+    }
+
+    /// Pads after tensors that are complete (including empty ones) and moves on.
+    fn skip_empty(&mut self) -> std::io::Result<()> {
+        while let Some(&(_, n)) = self.sizes.get(self.current) {
+            if self.written < n {
+                break;
+            }
+            pad(
+                &mut self.out,
+                n.div_ceil(self.alignment) * self.alignment - n,
+            )?;
+            self.current += 1;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Appends bytes of tensor data, continuing in table order; a piece may
+    /// span the end of one tensor and the start of the next.
+    pub fn write_data(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let Some(&(_, n)) = self.sizes.get(self.current) else {
+                return Err(invalid(format!(
+                    "{} bytes of tensor data beyond the last tensor",
+                    data.len()
+                )));
+            };
+            let k = (n - self.written).min(data.len());
+            self.out.write_all(&data[..k])?;
+            self.written += k;
+            data = &data[k..];
+            self.skip_empty()?;
+        }
+        Ok(())
+    }
+
+    /// Checks every tensor was written in full and returns the output, flushed.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if let Some((name, n)) = self.sizes.get(self.current) {
+            return Err(invalid(format!(
+                "tensor {name} has {} of its {n} bytes",
+                self.written
+            )));
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -562,68 +799,24 @@ pub(crate) mod tests {
         meta: &[(&str, MetaValue)],
         tensors: &[(&str, Vec<u64>, Vec<f32>)],
     ) -> Vec<u8> {
-        fn s(out: &mut Vec<u8>, v: &str) {
-            out.extend((v.len() as u64).to_le_bytes());
-            out.extend(v.as_bytes());
-        }
-        fn val(out: &mut Vec<u8>, v: &MetaValue) {
-            match v {
-                MetaValue::U32(x) => out.extend(x.to_le_bytes()),
-                MetaValue::F32(x) => out.extend(x.to_le_bytes()),
-                MetaValue::String(x) => s(out, x),
-                MetaValue::Bool(b) => out.push(*b as u8),
-                MetaValue::Array(items) => {
-                    out.extend(type_id(&items[0]).to_le_bytes());
-                    out.extend((items.len() as u64).to_le_bytes());
-                    for i in items {
-                        val(out, i);
-                    }
-                }
-                other => panic!("test writer lacks {other:?}"),
-            }
-        }
-        fn type_id(v: &MetaValue) -> u32 {
-            match v {
-                MetaValue::U32(_) => 4,
-                MetaValue::F32(_) => 6,
-                MetaValue::Bool(_) => 7,
-                MetaValue::String(_) => 8,
-                MetaValue::Array(_) => 9,
-                other => panic!("test writer lacks {other:?}"),
-            }
-        }
-        let mut out = b"GGUF".to_vec();
-        out.extend(3u32.to_le_bytes());
-        out.extend((tensors.len() as u64).to_le_bytes());
-        out.extend((meta.len() as u64).to_le_bytes());
-        for (k, v) in meta {
-            s(&mut out, k);
-            out.extend(type_id(v).to_le_bytes());
-            val(&mut out, v);
-        }
-        let mut offset = 0u64;
-        for (name, dims, data) in tensors {
-            s(&mut out, name);
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend(d.to_le_bytes());
-            }
-            out.extend(0u32.to_le_bytes());
-            out.extend(offset.to_le_bytes());
-            offset += (data.len() as u64 * 4).div_ceil(32) * 32;
-        }
-        while !out.len().is_multiple_of(32) {
-            out.push(0);
-        }
+        let meta: Vec<(String, MetaValue)> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let specs: Vec<TensorSpec> = tensors
+            .iter()
+            .map(|(name, dims, _)| TensorSpec {
+                name: name.to_string(),
+                dims: dims.clone(),
+                ty: GgmlType::F32,
+            })
+            .collect();
+        let mut w = GgufWriter::new(Vec::new(), &meta, &specs).expect("test setup");
         for (_, _, data) in tensors {
-            for x in data {
-                out.extend(x.to_le_bytes());
-            }
-            while !out.len().is_multiple_of(32) {
-                out.push(0);
-            }
+            let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            w.write_data(&bytes).expect("test setup");
         }
-        out
+        w.finish().expect("test setup")
     }
 
     fn parse_bytes(bytes: &[u8]) -> Result<GgufFile, GgufError> {
@@ -682,6 +875,78 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(vals, vec![0.5, -0.5, 2.0]);
         assert_eq!(f.tensor_data("w").expect("test setup").0.n_bytes, 32);
+    }
+
+    #[test]
+    fn writer_round_trips_every_value_type_and_streams_across_tensors() {
+        let meta: Vec<(String, MetaValue)> = [
+            ("u8", MetaValue::U8(7)),
+            ("i8", MetaValue::I8(-7)),
+            ("u16", MetaValue::U16(700)),
+            ("i16", MetaValue::I16(-700)),
+            ("u32", MetaValue::U32(70_000)),
+            ("i32", MetaValue::I32(-70_000)),
+            ("u64", MetaValue::U64(1 << 40)),
+            ("i64", MetaValue::I64(-(1 << 40))),
+            ("f32", MetaValue::F32(0.25)),
+            ("f64", MetaValue::F64(-0.125)),
+            ("bool", MetaValue::Bool(true)),
+            ("str", MetaValue::String("héllo".into())),
+            ("empty", MetaValue::Array(vec![])),
+            (
+                "nested",
+                MetaValue::Array(vec![MetaValue::Array(vec![MetaValue::I32(1)])]),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let specs = vec![
+            TensorSpec {
+                name: "a".into(),
+                dims: vec![32, 2],
+                ty: GgmlType::Q8_0,
+            },
+            TensorSpec {
+                name: "b".into(),
+                dims: vec![3],
+                ty: GgmlType::F32,
+            },
+        ];
+        let data: Vec<u8> = (0..2 * 34 + 12).map(|i| i as u8).collect();
+        let mut w = GgufWriter::new(Vec::new(), &meta, &specs).expect("test setup");
+        // Pieces of 5 bytes: one spans the end of "a" and the start of "b".
+        for piece in data.chunks(5) {
+            w.write_data(piece).expect("test setup");
+        }
+        assert!(w.write_data(&[0]).is_err(), "a byte past the last tensor");
+        let f = parse_bytes(&w.finish().expect("test setup")).expect("reads back");
+        for (k, v) in &meta {
+            assert_eq!(f.get(k), Some(v), "{k}");
+        }
+        let (a, a_bytes) = f.tensor_data("a").expect("test setup");
+        assert_eq!((a.ty, a_bytes), (GgmlType::Q8_0, &data[..68]));
+        assert_eq!(f.tensor_data("b").expect("test setup").1, &data[68..]);
+
+        // A short write and a row that is not whole blocks are errors.
+        let mut w = GgufWriter::new(Vec::new(), &meta, &specs).expect("test setup");
+        w.write_data(&data[..10]).expect("test setup");
+        let err = w.finish().expect_err("short");
+        assert!(
+            err.to_string().contains("tensor a has 10 of its 68 bytes"),
+            "{err}"
+        );
+        let bad = [TensorSpec {
+            name: "c".into(),
+            dims: vec![31],
+            ty: GgmlType::Q4_1,
+        }];
+        assert!(GgufWriter::new(Vec::new(), &[], &bad).is_err());
+        let mixed = [(
+            "m".to_string(),
+            MetaValue::Array(vec![MetaValue::U32(1), MetaValue::F32(1.0)]),
+        )];
+        assert!(GgufWriter::new(Vec::new(), &mixed, &[]).is_err());
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod kv_cache;
 pub mod model;
 pub mod paths;
 pub mod sampling;
+pub mod synth;
 pub mod tokenizer;
