@@ -18,7 +18,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -70,31 +70,9 @@ pub(crate) fn routes<S: Store + Clone>(
         .with_state(state)
 }
 
-/// Checks the admin token: `Some` is the refusal to send.
+/// The admin token check every admin route shares.
 fn refusal<S>(state: &AdminState<S>, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.0.admin_token else {
-        let mut r = ApiError::not_found(
-            "the admin API is off: start the router with --admin-token (or TANDEM_ADMIN_TOKEN)",
-        )
-        .into_response();
-        *r.status_mut() = axum::http::StatusCode::FORBIDDEN;
-        return Some(r);
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let same = |a: &[u8], b: &[u8]| {
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    };
-    match given {
-        Some(g) if same(g.as_bytes(), token.as_bytes()) => None,
-        Some(_) => Some(ApiError::unauthorized("wrong admin token").into_response()),
-        None => Some(
-            ApiError::unauthorized("the admin API needs `Authorization: Bearer <admin token>`")
-                .into_response(),
-        ),
-    }
+    super::http::admin_refusal(state.0.admin_token.as_deref(), headers)
 }
 
 fn store_error(e: impl std::fmt::Display) -> Response {

@@ -51,9 +51,10 @@ async fn dashboard() -> Response {
         .into_response()
 }
 
-/// Checks the admin token: `Some` is the refusal to send.
-fn admin_refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.admin_token else {
+/// Checks a request against the admin token (`None`: the admin API is off):
+/// `Some` is the refusal to send. Every admin route goes through it.
+pub(crate) fn admin_refusal(token: Option<&str>, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = token else {
         let mut r = ApiError::not_found(
             "the admin API is off: start the router with --admin-token (or TANDEM_ADMIN_TOKEN)",
         )
@@ -82,7 +83,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// `GET /admin/workers`: every worker the router knows, with state and load.
 async fn admin_workers(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(r) = admin_refusal(&state, &headers) {
+    if let Some(r) = admin_refusal(state.admin_token.as_deref(), &headers) {
         return r;
     }
     axum::Json(serde_json::json!({ "workers": state.cluster.workers_json() })).into_response()
@@ -95,7 +96,7 @@ async fn admin_drain(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(r) = admin_refusal(&state, &headers) {
+    if let Some(r) = admin_refusal(state.admin_token.as_deref(), &headers) {
         return r;
     }
     let Some(mut client) = state.cluster.client_of(&id) else {
