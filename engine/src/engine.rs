@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc as tmpsc};
 
 use crate::backend::{Backend, CpuBackend, KvRead};
 use crate::chat_template::ChatTemplate;
+use crate::device::{Device, DeviceError};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvLayout};
 use crate::model::{BatchSeq, Model, ModelConfig, ModelError};
@@ -67,6 +68,8 @@ pub enum EngineError {
     Stopped,
     #[error("cannot build the thread pool: {0}")]
     ThreadPool(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 /// How an engine is sized.
@@ -82,6 +85,9 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Compute threads; `None` uses every core.
     pub threads: Option<usize>,
+    /// The device the forward pass runs on.
+    #[serde(default)]
+    pub device: Device,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +98,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             threads: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -118,6 +125,29 @@ impl EngineConfig {
             return bad("threads must be positive".into());
         }
         Ok(())
+    }
+}
+
+/// The backend for `device`, holding `num_blocks` KV blocks.
+fn open_backend(
+    device: Device,
+    model: Model,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<Box<dyn Backend>, EngineError> {
+    match device {
+        Device::Cpu => Ok(Box::new(CpuBackend::new(model, block_size, num_blocks))),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let backend = crate::cuda::CudaBackend::new(model, block_size, num_blocks, ordinal)
+                .map_err(DeviceError::from)?;
+            Ok(Box::new(backend))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            drop(model);
+            Err(DeviceError::CudaNotBuilt.into())
+        }
     }
 }
 
@@ -494,8 +524,7 @@ impl Engine {
         let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
-        let backend: Box<dyn Backend> =
-            Box::new(CpuBackend::new(model, config.block_size, num_blocks));
+        let backend = open_backend(config.device, model, config.block_size, num_blocks)?;
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -6,11 +6,16 @@
 //! `tandem-protocol`, reused across sequences that share a prefix, and can be
 //! exported and imported whole, which is what lets a prefill worker hand a
 //! sequence to a decode worker. A continuous-batching scheduler runs many
-//! sequences per step under a token budget.
+//! sequences per step under a token budget. With the `cuda` feature the same
+//! forward pass also runs on an NVIDIA GPU (`Device::Cuda`), with the weights
+//! and the KV blocks in device memory.
 
 pub mod backend;
 pub mod chat_template;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod kv_cache;

@@ -153,23 +153,25 @@ impl ModelConfig {
 
 /// A matrix in the file: its table entry and logical shape.
 #[derive(Debug, Clone)]
-struct Weight {
+pub(crate) struct Weight {
     info: TensorInfo,
     rows: usize,
     cols: usize,
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
-    wo: Weight,
-    bias: Option<[Vec<f32>; 3]>,
-    ffn_norm: Vec<f32>,
-    w_gate: Weight,
-    w_up: Weight,
-    w_down: Weight,
+/// One transformer block's tensors (read by the GPU backend to upload them).
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) wq: Weight,
+    pub(crate) wk: Weight,
+    pub(crate) wv: Weight,
+    pub(crate) wo: Weight,
+    /// Qwen2's q, k and v biases.
+    pub(crate) bias: Option<[Vec<f32>; 3]>,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) w_gate: Weight,
+    pub(crate) w_up: Weight,
+    pub(crate) w_down: Weight,
 }
 
 /// A loaded model: the mapped file plus the small tensors copied out as f32.
@@ -342,7 +344,7 @@ impl Model {
         per_layer + self.output.info.n_bytes
     }
 
-    fn mat(&self, w: &Weight) -> QMatrix<'_> {
+    pub(crate) fn mat(&self, w: &Weight) -> QMatrix<'_> {
         QMatrix {
             ty: w.info.ty,
             rows: w.rows,
@@ -468,37 +470,15 @@ impl Model {
 
     /// Rotates each head of `x` (a token's q or k) by its position.
     fn rope(&self, x: &mut [f32], pos: usize) {
-        let hd = self.config.head_dim;
-        let half = self.config.rope_dim / 2;
-        // cos/sin per rotary pair, shared by every head.
-        let mut cs = [(0f32, 0f32); 256];
-        let cs = &mut cs[..half.min(256)];
-        for (i, slot) in cs.iter_mut().enumerate() {
-            let (sin, cos) = (pos as f64 * self.inv_freq[i]).sin_cos();
-            *slot = (cos as f32, sin as f32);
-        }
-        for head in x.chunks_mut(hd) {
-            match self.config.arch {
-                Arch::Llama => {
-                    for (i, &(cos, sin)) in cs.iter().enumerate() {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * cos - b * sin;
-                        head[2 * i + 1] = a * sin + b * cos;
-                    }
-                }
-                Arch::Qwen2 => {
-                    for (i, &(cos, sin)) in cs.iter().enumerate() {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos - b * sin;
-                        head[i + half] = a * sin + b * cos;
-                    }
-                }
-            }
-        }
+        rope_in_place(
+            x,
+            pos,
+            self.config.head_dim,
+            &self.inv_freq,
+            self.config.arch,
+        );
     }
 
-    /// Causal attention of every batch token over its sequence's cached K/V,
-    /// read through the block table. Parallel over (token, head).
     fn attention(
         &self,
         cache: &KvPool,
@@ -508,43 +488,122 @@ impl Model {
         q: &[f32],
         out: &mut [f32],
     ) {
-        let c = &self.config;
-        let hd = c.head_dim;
-        let group = c.n_heads / c.n_kv_heads;
-        let kv_dim = c.n_kv_heads * hd;
-        let bs = cache.layout().block_size;
-        let scale = 1.0 / (hd as f32).sqrt();
-        out.par_chunks_mut(hd).enumerate().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (i, o)| {
-                let (t, h) = (i / c.n_heads, i % c.n_heads);
-                let (seq, pos) = token_pos[t];
-                let blocks = batch[seq].blocks;
-                let kvh = h / group;
-                let qh = &q[i * hd..(i + 1) * hd];
-                let ctx = pos + 1;
-                scores.clear();
-                for (bi, &block) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let keys = cache.keys(block, layer);
-                    let slots = (ctx - bi * bs).min(bs);
-                    for slot in 0..slots {
-                        let k: &[f16] = &keys[slot * kv_dim + kvh * hd..][..hd];
-                        scores.push(cpu::dot_f32_f16(qh, k) * scale);
-                    }
-                }
-                cpu::softmax_inplace(scores);
-                o.fill(0.0);
-                for (bi, &block) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    let values = cache.values(block, layer);
-                    let slots = (ctx - bi * bs).min(bs);
-                    for slot in 0..slots {
-                        let v: &[f16] = &values[slot * kv_dim + kvh * hd..][..hd];
-                        cpu::axpy_f16(o, scores[bi * bs + slot], v);
-                    }
-                }
-            },
-        );
+        paged_attention(&self.config, cache, layer, batch, token_pos, q, out);
     }
+}
+
+/// What the GPU backend reads to upload the weights.
+#[cfg(feature = "cuda")]
+impl Model {
+    /// The transformer blocks.
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The token embedding table (`vocab_size` rows of `d_model`).
+    pub(crate) fn token_embd(&self) -> QMatrix<'_> {
+        self.mat(&self.token_embd)
+    }
+
+    /// The output head (the embedding table when tied).
+    pub(crate) fn output(&self) -> QMatrix<'_> {
+        self.mat(&self.output)
+    }
+
+    /// The final RMSNorm weight.
+    pub(crate) fn output_norm(&self) -> &[f32] {
+        &self.output_norm
+    }
+
+    /// Per rotary pair i of a head, the angle per position (radians).
+    pub(crate) fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+}
+
+/// Rotates each `head_dim` head of `x` (a token's q or k) by position `pos`:
+/// pair i turns by `pos * inv_freq[i]`, pairs adjacent (Llama) or half a
+/// rotary span apart (Qwen2, NeoX style).
+pub(crate) fn rope_in_place(
+    x: &mut [f32],
+    pos: usize,
+    head_dim: usize,
+    inv_freq: &[f64],
+    arch: Arch,
+) {
+    let half = inv_freq.len();
+    // cos/sin per rotary pair, shared by every head.
+    let mut cs = [(0f32, 0f32); 256];
+    let cs = &mut cs[..half.min(256)];
+    for (i, slot) in cs.iter_mut().enumerate() {
+        let (sin, cos) = (pos as f64 * inv_freq[i]).sin_cos();
+        *slot = (cos as f32, sin as f32);
+    }
+    for head in x.chunks_mut(head_dim) {
+        match arch {
+            Arch::Llama => {
+                for (i, &(cos, sin)) in cs.iter().enumerate() {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos - b * sin;
+                    head[2 * i + 1] = a * sin + b * cos;
+                }
+            }
+            Arch::Qwen2 => {
+                for (i, &(cos, sin)) in cs.iter().enumerate() {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos - b * sin;
+                    head[i + half] = a * sin + b * cos;
+                }
+            }
+        }
+    }
+}
+
+/// Causal attention of every batch token over its sequence's cached K/V,
+/// read through the block table. Parallel over (token, head).
+pub(crate) fn paged_attention(
+    c: &ModelConfig,
+    cache: &KvPool,
+    layer: usize,
+    batch: &[BatchSeq<'_>],
+    token_pos: &[(usize, usize)],
+    q: &[f32],
+    out: &mut [f32],
+) {
+    let hd = c.head_dim;
+    let group = c.n_heads / c.n_kv_heads;
+    let kv_dim = c.n_kv_heads * hd;
+    let bs = cache.layout().block_size;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (i, o)| {
+            let (t, h) = (i / c.n_heads, i % c.n_heads);
+            let (seq, pos) = token_pos[t];
+            let blocks = batch[seq].blocks;
+            let kvh = h / group;
+            let qh = &q[i * hd..(i + 1) * hd];
+            let ctx = pos + 1;
+            scores.clear();
+            for (bi, &block) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
+                let keys = cache.keys(block, layer);
+                let slots = (ctx - bi * bs).min(bs);
+                for slot in 0..slots {
+                    let k: &[f16] = &keys[slot * kv_dim + kvh * hd..][..hd];
+                    scores.push(cpu::dot_f32_f16(qh, k) * scale);
+                }
+            }
+            cpu::softmax_inplace(scores);
+            o.fill(0.0);
+            for (bi, &block) in blocks.iter().enumerate().take(ctx.div_ceil(bs)) {
+                let values = cache.values(block, layer);
+                let slots = (ctx - bi * bs).min(bs);
+                for slot in 0..slots {
+                    let v: &[f16] = &values[slot * kv_dim + kvh * hd..][..hd];
+                    cpu::axpy_f16(o, scores[bi * bs + slot], v);
+                }
+            }
+        });
 }
 
 fn add_assign(x: &mut [f32], y: &[f32]) {

@@ -3,6 +3,7 @@
 //! cancellation and bad input.
 
 use serde_json::Value;
+use tandem_engine::device::Device;
 use tandem_engine::engine::{
     Engine, EngineConfig, EngineError, FinishReason, Generation, KvReservation, KvStream, Request,
     TokenEvent,
@@ -10,8 +11,15 @@ use tandem_engine::engine::{
 use tandem_engine::paths;
 use tandem_protocol::{BlockHasher, KvEventKind};
 
+/// Every test here runs on `$TANDEM_TEST_DEVICE` (default `cpu`), so a GPU
+/// machine runs the same suite on the CUDA backend (`scripts/gpu-check`).
 fn engine(config: EngineConfig) -> Engine {
-    Engine::load(paths::test_model_path(), config).expect("load the default model")
+    let device = std::env::var("TANDEM_TEST_DEVICE").map_or(Device::Cpu, |d| {
+        d.parse()
+            .expect("TANDEM_TEST_DEVICE is cpu, cuda or cuda:N")
+    });
+    Engine::load(paths::test_model_path(), EngineConfig { device, ..config })
+        .expect("load the default model")
 }
 
 fn small() -> EngineConfig {

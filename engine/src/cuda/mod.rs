@@ -1,0 +1,1252 @@
+//! The CUDA backend: the forward pass on an NVIDIA GPU through cudarc's driver API.
+//!
+//! Weights are uploaded once in their GGUF form (quantized blocks unchanged)
+//! and dequantized in registers by the matrix kernels; the KV pool is one
+//! device allocation in exactly the [`KvLayout`] byte layout, so a block read
+//! out for a transfer is byte-for-byte what the CPU backend would ship. The
+//! kernels (`kernels.cu`) are compiled by NVRTC at load time for the device's
+//! own `sm_XY`; the driver and NVRTC are opened at run time, so this module
+//! builds on machines with no CUDA toolkit and fails with a [`CudaError`]
+//! naming what is missing, never a panic, where there is no driver or GPU.
+//!
+//! A forward step packs the ragged batch into flat index arrays (`pack`),
+//! uploads them in one copy, and runs every sequence of the step through one
+//! set of launches per layer on one stream; the logits of the rows that want
+//! them come back to the host as f32, where the engine samples.
+//!
+//! Not done yet, and where it would go:
+//! - CUDA graphs: the decode step's launches depend only on the batch's sizes,
+//!   so `forward` could capture one graph per (tokens, sequences) bucket and
+//!   replay it with the index buffers updated in place.
+//! - A second stream for KV export: `on_layer` now copies pieces out on the
+//!   compute stream (waiting for that layer, then resuming); recording an event
+//!   after each layer's attention and copying on a copy stream into pinned
+//!   buffers would overlap the copies with later layers.
+//! - GPUDirect RDMA: a transport that registers the pool's device memory could
+//!   write received pieces straight into it, replacing the staging copies of
+//!   `write_kv_piece`, behind the same `Transport` trait.
+
+mod nvrtc;
+mod pack;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::ffi::{CString, c_void};
+use std::sync::Arc;
+
+use cudarc::driver::result as cu;
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, DriverError};
+
+use crate::backend::{Backend, KvRead, LayerHook};
+use crate::cpu::QMatrix;
+use crate::gguf::GgmlType;
+use crate::kv_cache::{BlockId, KvLayout};
+use crate::model::{Arch, BatchSeq, Model, ModelConfig};
+pub use nvrtc::NVRTC_ENV;
+use pack::{PackedBatch, pack};
+
+/// The kernels' source, compiled by NVRTC when a backend loads.
+pub(crate) const KERNELS_CU: &str = include_str!("kernels.cu");
+
+// Launch geometry, mirrored by the #defines of kernels.cu (a test checks).
+/// Tokens per matrix-product tile.
+pub(crate) const MM_TOKENS: usize = 8;
+/// Warps (weight rows) per matrix-product block.
+pub(crate) const MM_WARPS: usize = 4;
+/// Query heads per KV head the attention kernels support.
+pub(crate) const MAX_GROUP: usize = 8;
+/// head_dim / 32 the attention kernels support.
+pub(crate) const MAX_LANE_ELEMS: usize = 8;
+/// Warps of the decode attention block.
+pub(crate) const ATTN_DECODE_WARPS: usize = 4;
+/// Keys staged in shared memory at a time by the prefill attention.
+pub(crate) const ATTN_KEY_CHUNK: usize = 32;
+/// Query tokens (one warp each) per prefill attention block.
+pub(crate) const ATTN_PREFILL_TOKENS: usize = 8;
+/// Bytes of one quantized activation block on the device (`Q8Act`).
+pub(crate) const Q8_ACT_BYTES: usize = 44;
+/// Threads per block of the row and element-wise kernels.
+const ROW_THREADS: u32 = 256;
+
+/// Errors from opening the GPU or running the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("{library} could not be loaded (tried {}); {hint}", tried.join(", "))]
+    LibraryNotFound {
+        library: &'static str,
+        tried: Vec<String>,
+        hint: String,
+    },
+    #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("CUDA driver call failed while {what}: {source}")]
+    Driver {
+        what: String,
+        #[source]
+        source: DriverError,
+    },
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    #[error("the CUDA backend does not support this model: {0}")]
+    Unsupported(String),
+    #[error("invalid forward batch: {0}")]
+    Batch(String),
+}
+
+/// Adds what the driver was doing to a driver error.
+trait Context<T> {
+    fn ctx(self, what: impl Into<String>) -> Result<T, CudaError>;
+}
+
+impl<T> Context<T> for Result<T, DriverError> {
+    fn ctx(self, what: impl Into<String>) -> Result<T, CudaError> {
+        self.map_err(|source| CudaError::Driver {
+            what: what.into(),
+            source,
+        })
+    }
+}
+
+/// Checks that the driver library loads and device `ordinal` exists, without
+/// touching any cudarc path that panics when the library is missing.
+pub fn probe(ordinal: usize) -> Result<(), CudaError> {
+    // SAFETY: only tries to open the library; no symbol is called.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(CudaError::LibraryNotFound {
+            library: "the CUDA driver (libcuda.so.1)",
+            tried: driver_candidates(),
+            hint: "install the NVIDIA driver, or run with --device cpu".into(),
+        });
+    }
+    match cu::init() {
+        Ok(()) => {}
+        Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NO_DEVICE => {
+            return Err(CudaError::NoDevice { ordinal, count: 0 });
+        }
+        Err(e) => return Err(e).ctx("initializing the driver (cuInit)"),
+    }
+    let count = cu::device::get_count().ctx("counting devices")?.max(0) as usize;
+    if ordinal >= count {
+        return Err(CudaError::NoDevice { ordinal, count });
+    }
+    Ok(())
+}
+
+/// The driver library names cudarc tries.
+fn driver_candidates() -> Vec<String> {
+    ["cuda", "nvcuda"]
+        .iter()
+        .flat_map(|l| cudarc::get_lib_name_candidates(l))
+        .collect()
+}
+
+/// Logs a device failure met where the [`Backend`] interface has no error
+/// path (a step, a KV piece copy) and ends the process: a CUDA context that
+/// returned an error may be unusable (errors such as an illegal address are
+/// sticky), and silently wrong logits or KV bytes would be worse.
+fn fatal(e: CudaError) -> ! {
+    tracing::error!(error = %e, "CUDA backend failed; exiting");
+    eprintln!("tandem: CUDA backend failed: {e}");
+    std::process::abort()
+}
+
+/// A device allocation, freed on drop (the owner keeps its context current).
+struct DeviceBuf {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuf {
+    fn alloc(bytes: usize, what: &str) -> Result<Self, CudaError> {
+        // SAFETY: a plain allocation in the current context.
+        let ptr = unsafe { cu::malloc_sync(bytes.max(256)) }
+            .ctx(format!("allocating {bytes} bytes for {what}"))?;
+        Ok(Self { ptr, bytes })
+    }
+
+    fn upload<T: Copy>(data: &[T], what: &str) -> Result<Self, CudaError> {
+        let b = Self::alloc(std::mem::size_of_val(data), what)?;
+        // SAFETY: the allocation holds `size_of_val(data)` bytes.
+        unsafe { cu::memcpy_htod_sync(b.ptr, data) }.ctx(format!("uploading {what}"))?;
+        Ok(b)
+    }
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `alloc` and freed once. A failure here (a dead
+        // context) leaves nothing to recover.
+        let _ = unsafe { cu::free_sync(self.ptr) };
+    }
+}
+
+/// Page-locked host memory for staging KV pieces.
+struct PinnedBuf {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl PinnedBuf {
+    fn alloc(bytes: usize) -> Result<Self, CudaError> {
+        // SAFETY: a plain page-locked allocation in the current context.
+        let ptr = unsafe { cu::malloc_host(bytes.max(1), 0) }
+            .ctx(format!("allocating {bytes} pinned bytes"))?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            bytes,
+        })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `bytes` bytes, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host` and freed once.
+        let _ = unsafe { cu::free_host(self.ptr.cast()) };
+    }
+}
+
+/// Every kernel the backend launches, in `KERNEL_NAMES` order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kernel {
+    QuantizeQ8,
+    MmQ4_0,
+    MmQ4_1,
+    MmQ8_0,
+    MmF32,
+    MmF16,
+    MmBf16,
+    Embed,
+    RmsNorm,
+    AddBias,
+    AddInplace,
+    SiluMul,
+    Rope,
+    KvWrite,
+    GatherRows,
+    AttnDecode,
+    AttnPrefill,
+}
+
+/// The `extern "C" __global__` names in kernels.cu, indexed by [`Kernel`].
+pub(crate) const KERNEL_NAMES: [&str; 17] = [
+    "quantize_q8",
+    "mm_q4_0",
+    "mm_q4_1",
+    "mm_q8_0",
+    "mm_f32",
+    "mm_f16",
+    "mm_bf16",
+    "embed",
+    "rms_norm",
+    "add_bias",
+    "add_inplace",
+    "silu_mul",
+    "rope",
+    "kv_write",
+    "gather_rows",
+    "attn_decode",
+    "attn_prefill",
+];
+
+/// A kernel argument, passed by value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device pointer.
+    P(sys::CUdeviceptr),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+impl Arg {
+    /// The argument in an 8-byte slot: the kernel reads its own size from the
+    /// start, which on a little-endian host is the low bytes.
+    fn slot(self) -> u64 {
+        match self {
+            Arg::P(p) => p,
+            Arg::I(i) => i as u32 as u64,
+            Arg::L(l) => l as u64,
+            Arg::F(f) => f.to_bits() as u64,
+        }
+    }
+}
+
+/// Grid of a matrix product: `MM_WARPS` rows per block, `MM_TOKENS` tokens per y.
+pub(crate) fn mm_grid(rows: usize, n: usize) -> (u32, u32, u32) {
+    (
+        rows.div_ceil(MM_WARPS) as u32,
+        n.div_ceil(MM_TOKENS) as u32,
+        1,
+    )
+}
+
+/// Blocks of `threads` covering `total` elements.
+pub(crate) fn linear_grid(total: usize, threads: u32) -> (u32, u32, u32) {
+    (total.div_ceil(threads as usize).max(1) as u32, 1, 1)
+}
+
+/// Dynamic shared memory of the prefill attention: K and V chunks in f16.
+pub(crate) fn prefill_smem_bytes(head_dim: usize) -> u32 {
+    (2 * ATTN_KEY_CHUNK * head_dim * 2) as u32
+}
+
+/// Checks what the kernels assume of a model.
+pub(crate) fn check_supported(c: &ModelConfig) -> Result<(), CudaError> {
+    let group = c.n_heads / c.n_kv_heads;
+    if group > MAX_GROUP {
+        return Err(CudaError::Unsupported(format!(
+            "{group} query heads per KV head (at most {MAX_GROUP})"
+        )));
+    }
+    if c.head_dim > MAX_LANE_ELEMS * 32 {
+        return Err(CudaError::Unsupported(format!(
+            "head_dim {} (at most {})",
+            c.head_dim,
+            MAX_LANE_ELEMS * 32
+        )));
+    }
+    Ok(())
+}
+
+/// An open GPU: context, stream and the compiled kernels.
+pub(crate) struct Gpu {
+    stream: sys::CUstream,
+    module: sys::CUmodule,
+    funcs: Vec<sys::CUfunction>,
+    name: String,
+    arch: u32,
+    // Dropped last: everything above lives in this context.
+    ctx: Arc<CudaContext>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles the kernels for it.
+    pub(crate) fn open(ordinal: usize) -> Result<Self, CudaError> {
+        probe(ordinal)?;
+        let ctx =
+            CudaContext::new(ordinal).ctx(format!("creating a context on device {ordinal}"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .ctx("reading the compute capability")?;
+        if (major, minor) < (6, 1) {
+            return Err(CudaError::Unsupported(format!(
+                "compute capability {major}.{minor} (dp4a needs 6.1 or newer)"
+            )));
+        }
+        let arch = (major * 10 + minor) as u32;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let nvrtc = nvrtc::Nvrtc::open()?;
+        let (vmaj, vmin) = nvrtc.version()?;
+        let started = std::time::Instant::now();
+        let cubin = nvrtc.compile_cubin(KERNELS_CU, arch)?;
+        tracing::info!(
+            device = %name,
+            arch = format!("sm_{arch}"),
+            nvrtc = format!("{vmaj}.{vmin} ({})", nvrtc.path.display()),
+            compile_ms = started.elapsed().as_millis() as u64,
+            "compiled the CUDA kernels"
+        );
+        // SAFETY: `cubin` is a complete CUBIN image from NVRTC; the context is current.
+        let module = unsafe { cu::module::load_data(cubin.as_ptr().cast()) }
+            .ctx("loading the compiled kernels")?;
+        let mut funcs = Vec::with_capacity(KERNEL_NAMES.len());
+        for n in KERNEL_NAMES {
+            let c = CString::new(n).expect("kernel names contain no NUL");
+            // SAFETY: `module` was loaded above.
+            let f = unsafe { cu::module::get_function(module, c) }
+                .ctx(format!("finding kernel {n}"))?;
+            funcs.push(f);
+        }
+        let stream =
+            cu::stream::create(cu::stream::StreamKind::NonBlocking).ctx("creating a stream")?;
+        Ok(Self {
+            stream,
+            module,
+            funcs,
+            name,
+            arch,
+            ctx,
+        })
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().ctx("making the context current")
+    }
+
+    /// Queues kernel `k` on the stream.
+    fn launch(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        if grid.1 > 65_535 || grid.2 > 65_535 {
+            return Err(CudaError::Batch(format!(
+                "{} grid {grid:?} is beyond the device's limits",
+                KERNEL_NAMES[k as usize]
+            )));
+        }
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        // SAFETY: the function comes from our module, and `args` match the
+        // kernel's parameter list in kernels.cu (the callers below are the only
+        // launch sites, one per kernel).
+        unsafe {
+            cu::launch_kernel(
+                self.funcs[k as usize],
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream,
+                &mut params,
+            )
+        }
+        .ctx(format!("launching {}", KERNEL_NAMES[k as usize]))
+    }
+
+    fn sync(&self) -> Result<(), CudaError> {
+        // SAFETY: the stream belongs to this context.
+        unsafe { cu::stream::synchronize(self.stream) }.ctx("waiting for the stream")
+    }
+
+    /// Copies `data` to `dst` in stream order (the host buffer is free on return).
+    fn htod<T>(&self, dst: sys::CUdeviceptr, data: &[T], what: &str) -> Result<(), CudaError> {
+        // SAFETY: the caller's `dst` holds `size_of_val(data)` bytes; copies
+        // from pageable memory are staged before the call returns.
+        unsafe { cu::memcpy_htod_async(dst, data, self.stream) }.ctx(format!("copying {what} in"))
+    }
+
+    /// Copies `out.len()` elements from `src`, waiting for them.
+    fn dtoh<T>(&self, out: &mut [T], src: sys::CUdeviceptr, what: &str) -> Result<(), CudaError> {
+        // SAFETY: the caller's `src` holds `size_of_val(out)` bytes.
+        unsafe { cu::memcpy_dtoh_async(out, src, self.stream) }
+            .ctx(format!("copying {what} out"))?;
+        self.sync()
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            // SAFETY: created in this context and destroyed once.
+            unsafe {
+                let _ = cu::stream::destroy(self.stream);
+                let _ = cu::module::unload(self.module);
+            }
+        }
+    }
+}
+
+/// `out = W x` for `n` rows of `x` (f32, `w.cols` wide). Quantized weights
+/// first quantize `x` into `q8` (room for `n * cols / 32` blocks); `q8_of`
+/// remembers which input `q8` holds, so q, k and v (and gate and up) quantize
+/// their shared input once. Callers reset it when that input is rewritten.
+fn matmul(
+    gpu: &Gpu,
+    q8: u64,
+    w: &DevMatrix,
+    x: u64,
+    n: usize,
+    out: u64,
+    q8_of: &mut Option<u64>,
+) -> Result<(), CudaError> {
+    let grid = mm_grid(w.rows, n);
+    let block = (MM_WARPS * 32) as u32;
+    let (k, input) = match w.ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
+            if *q8_of != Some(x) {
+                let blocks = n * w.cols / 32;
+                gpu.launch(
+                    Kernel::QuantizeQ8,
+                    linear_grid(blocks * 32, ROW_THREADS),
+                    ROW_THREADS,
+                    0,
+                    &[Arg::P(x), Arg::P(q8), Arg::I(blocks as i32)],
+                )?;
+                *q8_of = Some(x);
+            }
+            let k = match w.ty {
+                GgmlType::Q4_0 => Kernel::MmQ4_0,
+                GgmlType::Q4_1 => Kernel::MmQ4_1,
+                _ => Kernel::MmQ8_0,
+            };
+            (k, q8)
+        }
+        GgmlType::F32 => (Kernel::MmF32, x),
+        GgmlType::F16 => (Kernel::MmF16, x),
+        GgmlType::BF16 => (Kernel::MmBf16, x),
+    };
+    gpu.launch(
+        k,
+        grid,
+        block,
+        0,
+        &[
+            Arg::P(w.buf.ptr),
+            Arg::P(input),
+            Arg::P(out),
+            Arg::I(w.rows as i32),
+            Arg::I(w.cols as i32),
+            Arg::I(n as i32),
+        ],
+    )
+}
+
+/// Bytes per row of a device matrix.
+fn row_bytes(m: &DevMatrix) -> Result<usize, CudaError> {
+    m.ty.row_bytes(m.cols)
+        .ok_or_else(|| CudaError::Unsupported(format!("{} columns of {}", m.cols, m.ty.name())))
+}
+
+/// A weight matrix in device memory, in its GGUF encoding.
+struct DevMatrix {
+    buf: DeviceBuf,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+}
+
+impl DevMatrix {
+    fn upload(m: &QMatrix<'_>, what: &str) -> Result<Self, CudaError> {
+        Ok(Self {
+            buf: DeviceBuf::upload(m.data, what)?,
+            ty: m.ty,
+            rows: m.rows,
+            cols: m.cols,
+        })
+    }
+}
+
+struct DevLayer {
+    attn_norm: DeviceBuf,
+    wq: DevMatrix,
+    wk: DevMatrix,
+    wv: DevMatrix,
+    wo: DevMatrix,
+    bias: Option<[DeviceBuf; 3]>,
+    ffn_norm: DeviceBuf,
+    w_gate: DevMatrix,
+    w_up: DevMatrix,
+    w_down: DevMatrix,
+}
+
+/// Activation buffers for up to `tokens` rows and `logit_rows` logits rows.
+struct Activations {
+    tokens: usize,
+    logit_rows: usize,
+    x: DeviceBuf,
+    xn: DeviceBuf,
+    q: DeviceBuf,
+    k: DeviceBuf,
+    v: DeviceBuf,
+    attn: DeviceBuf,
+    proj: DeviceBuf,
+    gate: DeviceBuf,
+    up: DeviceBuf,
+    act: DeviceBuf,
+    /// Quantized activations of the widest input.
+    acts_q8: DeviceBuf,
+    last: DeviceBuf,
+    last_norm: DeviceBuf,
+    logits: DeviceBuf,
+}
+
+impl Activations {
+    fn alloc(c: &ModelConfig, tokens: usize, logit_rows: usize) -> Result<Self, CudaError> {
+        let f = |elems: usize, what: &str| DeviceBuf::alloc(elems * 4, what);
+        let (d, q_dim, kv_dim) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let widest = d.max(q_dim).max(c.ffn_dim);
+        Ok(Self {
+            tokens,
+            logit_rows,
+            x: f(tokens * d, "activations")?,
+            xn: f(tokens * d, "activations")?,
+            q: f(tokens * q_dim, "queries")?,
+            k: f(tokens * kv_dim, "keys")?,
+            v: f(tokens * kv_dim, "values")?,
+            attn: f(tokens * q_dim, "attention output")?,
+            proj: f(tokens * d, "projections")?,
+            gate: f(tokens * c.ffn_dim, "ffn gate")?,
+            up: f(tokens * c.ffn_dim, "ffn up")?,
+            act: f(tokens * c.ffn_dim, "ffn activations")?,
+            acts_q8: DeviceBuf::alloc(
+                tokens * widest.div_ceil(32) * Q8_ACT_BYTES,
+                "quantized activations",
+            )?,
+            last: f(logit_rows * d, "last rows")?,
+            last_norm: f(logit_rows * d, "last rows")?,
+            logits: f(logit_rows * c.vocab_size, "logits")?,
+        })
+    }
+}
+
+/// The batch's index arrays in one device buffer, at these byte offsets.
+struct IndexBuf {
+    buf: DeviceBuf,
+    tokens: u64,
+    pos: u64,
+    kv_dst: u64,
+    table_off: u64,
+    tables: u64,
+    decode: u64,
+    tiles: u64,
+    logit_rows: u64,
+}
+
+/// Lays the packed arrays out back to back, each 8-byte aligned; returns the
+/// bytes and each array's offset, in `IndexBuf` field order.
+pub(crate) fn index_bytes(p: &PackedBatch) -> (Vec<u8>, [usize; 8]) {
+    let mut bytes = Vec::new();
+    let mut offs = [0usize; 8];
+    let mut put = |i: usize, data: &[u8]| {
+        bytes.resize(bytes.len().next_multiple_of(8), 0);
+        offs[i] = bytes.len();
+        bytes.extend_from_slice(data);
+    };
+    put(0, bytemuck::cast_slice(&p.tokens));
+    put(1, bytemuck::cast_slice(&p.pos));
+    put(2, bytemuck::cast_slice(&p.kv_dst));
+    put(3, bytemuck::cast_slice(&p.table_off));
+    put(4, bytemuck::cast_slice(&p.tables));
+    put(5, bytemuck::cast_slice(&p.decode));
+    put(6, bytemuck::cast_slice(&p.tiles));
+    put(7, bytemuck::cast_slice(&p.logit_rows));
+    (bytes, offs)
+}
+
+/// Uploads the packed batch's index arrays in one copy into `slot`, growing it.
+fn upload_index<'a>(
+    gpu: &Gpu,
+    slot: &'a mut Option<IndexBuf>,
+    p: &PackedBatch,
+) -> Result<&'a IndexBuf, CudaError> {
+    let (bytes, o) = index_bytes(p);
+    if slot.as_ref().is_none_or(|i| i.buf.bytes < bytes.len()) {
+        *slot = None;
+        *slot = Some(IndexBuf {
+            buf: DeviceBuf::alloc(bytes.len().next_power_of_two().max(4096), "batch indices")?,
+            tokens: 0,
+            pos: 0,
+            kv_dst: 0,
+            table_off: 0,
+            tables: 0,
+            decode: 0,
+            tiles: 0,
+            logit_rows: 0,
+        });
+    }
+    let Some(ix) = slot.as_mut() else {
+        return Err(CudaError::Batch("index buffer missing".into()));
+    };
+    let base = ix.buf.ptr;
+    [
+        ix.tokens,
+        ix.pos,
+        ix.kv_dst,
+        ix.table_off,
+        ix.tables,
+        ix.decode,
+        ix.tiles,
+        ix.logit_rows,
+    ] = o.map(|off| base + off as u64);
+    gpu.htod(base, &bytes, "batch indices")?;
+    Ok(ix)
+}
+
+/// Rotates the `n_heads` heads of each of the `n` rows of `x` by its position.
+fn rope(
+    gpu: &Gpu,
+    c: &ModelConfig,
+    inv_freq: u64,
+    x: u64,
+    n_heads: usize,
+    ix: &IndexBuf,
+    n: usize,
+) -> Result<(), CudaError> {
+    gpu.launch(
+        Kernel::Rope,
+        (n as u32, 1, 1),
+        ROW_THREADS,
+        0,
+        &[
+            Arg::P(x),
+            Arg::P(ix.pos),
+            Arg::P(inv_freq),
+            Arg::I(n_heads as i32),
+            Arg::I(c.head_dim as i32),
+            Arg::I((c.rope_dim / 2) as i32),
+            Arg::I(i32::from(c.arch == Arch::Qwen2)),
+        ],
+    )
+}
+
+/// Writes the `n` rows of `k` and `v` into their slots of `layer` in the pool.
+#[allow(clippy::too_many_arguments)]
+fn kv_write(
+    gpu: &Gpu,
+    layout: &KvLayout,
+    k: u64,
+    v: u64,
+    pool: u64,
+    ix: &IndexBuf,
+    n: usize,
+    layer: usize,
+) -> Result<(), CudaError> {
+    gpu.launch(
+        Kernel::KvWrite,
+        (n as u32, 1, 1),
+        ROW_THREADS,
+        0,
+        &[
+            Arg::P(k),
+            Arg::P(v),
+            Arg::P(pool),
+            Arg::P(ix.kv_dst),
+            Arg::L((layer * layout.piece_elems()) as i64),
+            Arg::L(layout.half_elems() as i64),
+            Arg::I((layout.n_kv_heads * layout.head_dim) as i32),
+        ],
+    )
+}
+
+/// Causal paged attention of every row of `q` over its sequence's K/V in
+/// `layer` of the pool, into `out`: the decode kernel for one-token chunks,
+/// the prefill kernel for the tiles of longer ones.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    gpu: &Gpu,
+    c: &ModelConfig,
+    layout: &KvLayout,
+    q: u64,
+    pool: u64,
+    out: u64,
+    ix: &IndexBuf,
+    p: &PackedBatch,
+    layer: usize,
+) -> Result<(), CudaError> {
+    let common = |list: u64| {
+        [
+            Arg::P(q),
+            Arg::P(pool),
+            Arg::P(out),
+            Arg::P(list),
+            Arg::P(ix.pos),
+            Arg::P(ix.table_off),
+            Arg::P(ix.tables),
+            Arg::L((layer * layout.piece_elems()) as i64),
+            Arg::L(layout.block_elems() as i64),
+            Arg::L(layout.half_elems() as i64),
+            Arg::I(layout.block_size as i32),
+            Arg::I(c.n_heads as i32),
+            Arg::I(c.n_kv_heads as i32),
+            Arg::I(c.head_dim as i32),
+            Arg::F(1.0 / (c.head_dim as f32).sqrt()),
+        ]
+    };
+    if !p.decode.is_empty() {
+        gpu.launch(
+            Kernel::AttnDecode,
+            (c.n_kv_heads as u32, p.decode.len() as u32, 1),
+            (ATTN_DECODE_WARPS * 32) as u32,
+            0,
+            &common(ix.decode),
+        )?;
+    }
+    if p.n_tiles() > 0 {
+        gpu.launch(
+            Kernel::AttnPrefill,
+            (c.n_kv_heads as u32, p.n_tiles() as u32, 1),
+            (ATTN_PREFILL_TOKENS * 32) as u32,
+            prefill_smem_bytes(c.head_dim),
+            &common(ix.tiles),
+        )?;
+    }
+    Ok(())
+}
+
+/// The GPU backend: weights and the KV pool in device memory.
+pub struct CudaBackend {
+    config: ModelConfig,
+    layout: KvLayout,
+    num_blocks: usize,
+    ordinal: usize,
+    token_embd: DevMatrix,
+    /// `None` when tied to the embeddings.
+    output: Option<DevMatrix>,
+    output_norm: DeviceBuf,
+    inv_freq: DeviceBuf,
+    layers: Vec<DevLayer>,
+    pool: DeviceBuf,
+    acts: Option<Activations>,
+    index: Option<IndexBuf>,
+    /// One KV piece of pinned staging for piece copies.
+    staging: RefCell<PinnedBuf>,
+    /// Last field: dropped after every buffer above.
+    gpu: Gpu,
+}
+
+// SAFETY: the raw driver handles inside (stream, module, functions, pointers)
+// are valid from any thread once their context is current, and every method
+// binds the context first; the backend is used by one thread at a time
+// (`Backend` takes `&mut self` to step, and is not `Sync`).
+unsafe impl Send for CudaBackend {}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("device", &self.gpu.name)
+            .field("layout", &self.layout)
+            .field("num_blocks", &self.num_blocks)
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, uploads `model`'s weights and allocates `num_blocks`
+    /// KV blocks of `block_size` tokens in device memory.
+    pub fn new(
+        model: Model,
+        block_size: usize,
+        num_blocks: usize,
+        ordinal: usize,
+    ) -> Result<Self, CudaError> {
+        let config = model.config().clone();
+        check_supported(&config)?;
+        let gpu = Gpu::open(ordinal)?;
+        gpu.bind()?;
+        let layout = config.kv_layout(block_size);
+        let started = std::time::Instant::now();
+        let token_embd = DevMatrix::upload(&model.token_embd(), "token_embd.weight")?;
+        let output = {
+            let (e, o) = (model.token_embd(), model.output());
+            if std::ptr::eq(e.data.as_ptr(), o.data.as_ptr()) {
+                None
+            } else {
+                Some(DevMatrix::upload(&o, "output.weight")?)
+            }
+        };
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for (l, layer) in model.layers().iter().enumerate() {
+            let m = |w, name: &str| DevMatrix::upload(&model.mat(w), &format!("blk.{l}.{name}"));
+            let v = |x: &[f32], name: &str| DeviceBuf::upload(x, &format!("blk.{l}.{name}"));
+            layers.push(DevLayer {
+                attn_norm: v(&layer.attn_norm, "attn_norm")?,
+                wq: m(&layer.wq, "attn_q")?,
+                wk: m(&layer.wk, "attn_k")?,
+                wv: m(&layer.wv, "attn_v")?,
+                wo: m(&layer.wo, "attn_output")?,
+                bias: match &layer.bias {
+                    None => None,
+                    Some([bq, bk, bv]) => Some([
+                        v(bq, "attn_q.bias")?,
+                        v(bk, "attn_k.bias")?,
+                        v(bv, "attn_v.bias")?,
+                    ]),
+                },
+                ffn_norm: v(&layer.ffn_norm, "ffn_norm")?,
+                w_gate: m(&layer.w_gate, "ffn_gate")?,
+                w_up: m(&layer.w_up, "ffn_up")?,
+                w_down: m(&layer.w_down, "ffn_down")?,
+            });
+        }
+        let output_norm = DeviceBuf::upload(model.output_norm(), "output_norm")?;
+        let inv_freq = DeviceBuf::upload(model.inv_freq(), "rope frequencies")?;
+        let pool_bytes = num_blocks
+            .checked_mul(layout.block_bytes())
+            .ok_or_else(|| CudaError::Unsupported("KV pool size overflows".into()))?;
+        let pool = DeviceBuf::alloc(pool_bytes, "the KV pool")?;
+        // SAFETY: the pool holds `pool_bytes` bytes.
+        unsafe { cu::memset_d8_sync(pool.ptr, 0, pool_bytes) }.ctx("clearing the KV pool")?;
+        let staging = RefCell::new(PinnedBuf::alloc(layout.piece_bytes())?);
+        tracing::info!(
+            device = %gpu.name,
+            weights_mb = (model.weight_bytes_per_token() >> 20) as u64,
+            kv_pool_mb = (pool_bytes >> 20) as u64,
+            upload_ms = started.elapsed().as_millis() as u64,
+            "CUDA backend ready"
+        );
+        Ok(Self {
+            config,
+            layout,
+            num_blocks,
+            ordinal,
+            token_embd,
+            output,
+            output_norm,
+            inv_freq,
+            layers,
+            pool,
+            acts: None,
+            index: None,
+            staging,
+            gpu,
+        })
+    }
+
+    /// Grows the activation buffers to hold `tokens` rows and `logit_rows` logits.
+    fn reserve(&mut self, tokens: usize, logit_rows: usize) -> Result<(), CudaError> {
+        let fits = self
+            .acts
+            .as_ref()
+            .is_some_and(|a| a.tokens >= tokens && a.logit_rows >= logit_rows);
+        if !fits {
+            let (t, r) = match &self.acts {
+                Some(a) => (a.tokens.max(tokens), a.logit_rows.max(logit_rows)),
+                None => (tokens, logit_rows),
+            };
+            self.acts = None;
+            self.acts = Some(Activations::alloc(
+                &self.config,
+                t.next_power_of_two().max(16),
+                r.next_power_of_two().max(8),
+            )?);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: u64, w: u64, out: u64, rows: usize) -> Result<(), CudaError> {
+        self.gpu.launch(
+            Kernel::RmsNorm,
+            (rows as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(x),
+                Arg::P(w),
+                Arg::P(out),
+                Arg::I(self.config.d_model as i32),
+                Arg::F(self.config.rms_eps),
+            ],
+        )
+    }
+
+    fn elementwise(&self, k: Kernel, args: &[Arg], total: usize) -> Result<(), CudaError> {
+        self.gpu
+            .launch(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
+    }
+
+    fn forward_inner(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: LayerHook<'_>,
+    ) -> Result<Vec<f32>, CudaError> {
+        self.gpu.bind()?;
+        let p = pack(batch, self.layout, self.num_blocks)?;
+        let n = p.n_tokens();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let n_logits = p.logit_rows.len();
+        self.reserve(n, n_logits)?;
+        upload_index(&self.gpu, &mut self.index, &p)?;
+        let this = &*self;
+        let (Some(a), Some(ix)) = (this.acts.as_ref(), this.index.as_ref()) else {
+            return Err(CudaError::Batch("buffers missing after reserve".into()));
+        };
+        let c = &this.config;
+        let (d, hd) = (c.d_model, c.head_dim);
+        let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
+
+        let embd = &this.token_embd;
+        this.gpu.launch(
+            Kernel::Embed,
+            (n as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(embd.buf.ptr),
+                Arg::I(embd.ty.id() as i32),
+                Arg::L(row_bytes(embd)? as i64),
+                Arg::P(ix.tokens),
+                Arg::P(a.x.ptr),
+                Arg::I(d as i32),
+                Arg::I(c.vocab_size as i32),
+            ],
+        )?;
+
+        let reader = DeviceKv { backend: this };
+        for (l, layer) in this.layers.iter().enumerate() {
+            this.rms_norm(a.x.ptr, layer.attn_norm.ptr, a.xn.ptr, n)?;
+            let mut q8_of = None;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.wq,
+                a.xn.ptr,
+                n,
+                a.q.ptr,
+                &mut q8_of,
+            )?;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.wk,
+                a.xn.ptr,
+                n,
+                a.k.ptr,
+                &mut q8_of,
+            )?;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.wv,
+                a.xn.ptr,
+                n,
+                a.v.ptr,
+                &mut q8_of,
+            )?;
+            if let Some([bq, bk, bv]) = &layer.bias {
+                for (x, b, dim) in [(&a.q, bq, q_dim), (&a.k, bk, kv_dim), (&a.v, bv, kv_dim)] {
+                    this.elementwise(
+                        Kernel::AddBias,
+                        &[
+                            Arg::P(x.ptr),
+                            Arg::P(b.ptr),
+                            Arg::L((n * dim) as i64),
+                            Arg::I(dim as i32),
+                        ],
+                        n * dim,
+                    )?;
+                }
+            }
+            rope(&this.gpu, c, this.inv_freq.ptr, a.q.ptr, c.n_heads, ix, n)?;
+            rope(
+                &this.gpu,
+                c,
+                this.inv_freq.ptr,
+                a.k.ptr,
+                c.n_kv_heads,
+                ix,
+                n,
+            )?;
+            kv_write(
+                &this.gpu,
+                &this.layout,
+                a.k.ptr,
+                a.v.ptr,
+                this.pool.ptr,
+                ix,
+                n,
+                l,
+            )?;
+            attention(
+                &this.gpu,
+                c,
+                &this.layout,
+                a.q.ptr,
+                this.pool.ptr,
+                a.attn.ptr,
+                ix,
+                &p,
+                l,
+            )?;
+            // Layer l's K/V are queued; a reader's copy waits for them in stream order.
+            on_layer(l, &reader);
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.wo,
+                a.attn.ptr,
+                n,
+                a.proj.ptr,
+                &mut q8_of,
+            )?;
+            this.elementwise(
+                Kernel::AddInplace,
+                &[Arg::P(a.x.ptr), Arg::P(a.proj.ptr), Arg::L((n * d) as i64)],
+                n * d,
+            )?;
+
+            this.rms_norm(a.x.ptr, layer.ffn_norm.ptr, a.xn.ptr, n)?;
+            q8_of = None;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.w_gate,
+                a.xn.ptr,
+                n,
+                a.gate.ptr,
+                &mut q8_of,
+            )?;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.w_up,
+                a.xn.ptr,
+                n,
+                a.up.ptr,
+                &mut q8_of,
+            )?;
+            let f = n * c.ffn_dim;
+            this.elementwise(
+                Kernel::SiluMul,
+                &[
+                    Arg::P(a.gate.ptr),
+                    Arg::P(a.up.ptr),
+                    Arg::P(a.act.ptr),
+                    Arg::L(f as i64),
+                ],
+                f,
+            )?;
+            matmul(
+                &this.gpu,
+                a.acts_q8.ptr,
+                &layer.w_down,
+                a.act.ptr,
+                n,
+                a.proj.ptr,
+                &mut q8_of,
+            )?;
+            this.elementwise(
+                Kernel::AddInplace,
+                &[Arg::P(a.x.ptr), Arg::P(a.proj.ptr), Arg::L((n * d) as i64)],
+                n * d,
+            )?;
+        }
+
+        if n_logits == 0 {
+            // Nothing to read back, but the step's K/V must be in place before
+            // the engine hands its blocks to anyone.
+            this.gpu.sync()?;
+            return Ok(Vec::new());
+        }
+        this.gpu.launch(
+            Kernel::GatherRows,
+            (n_logits as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(a.x.ptr),
+                Arg::P(ix.logit_rows),
+                Arg::P(a.last.ptr),
+                Arg::I(d as i32),
+            ],
+        )?;
+        this.rms_norm(a.last.ptr, this.output_norm.ptr, a.last_norm.ptr, n_logits)?;
+        let head = this.output.as_ref().unwrap_or(&this.token_embd);
+        let mut none = None;
+        matmul(
+            &this.gpu,
+            a.acts_q8.ptr,
+            head,
+            a.last_norm.ptr,
+            n_logits,
+            a.logits.ptr,
+            &mut none,
+        )?;
+        let mut logits = vec![0f32; n_logits * c.vocab_size];
+        this.gpu.dtoh(&mut logits, a.logits.ptr, "logits")?;
+        Ok(logits)
+    }
+
+    /// Byte offset of a block-layer piece in the pool, checked.
+    fn piece_offset(&self, block: BlockId, layer: usize) -> Result<u64, CudaError> {
+        if block as usize >= self.num_blocks || layer >= self.layout.n_layers {
+            return Err(CudaError::Batch(format!(
+                "KV piece (block {block}, layer {layer}) is outside a pool of {} blocks × {} layers",
+                self.num_blocks, self.layout.n_layers
+            )));
+        }
+        Ok(
+            ((block as usize * self.layout.block_elems() + layer * self.layout.piece_elems()) * 2)
+                as u64,
+        )
+    }
+
+    fn read_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) -> Result<(), CudaError> {
+        self.gpu.bind()?;
+        let off = self.piece_offset(block, layer)?;
+        let mut staging = self.staging.borrow_mut();
+        let buf = staging.as_mut_slice();
+        self.gpu.dtoh(buf, self.pool.ptr + off, "a KV piece")?;
+        out.extend_from_slice(buf);
+        Ok(())
+    }
+
+    fn write_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) -> Result<(), CudaError> {
+        self.gpu.bind()?;
+        let off = self.piece_offset(block, layer)?;
+        let pb = self.layout.piece_bytes();
+        if data.len() != pb {
+            return Err(CudaError::Batch(format!(
+                "KV piece of {} bytes, expected {pb}",
+                data.len()
+            )));
+        }
+        let mut staging = self.staging.borrow_mut();
+        let buf = staging.as_mut_slice();
+        buf.copy_from_slice(data);
+        self.gpu.htod(self.pool.ptr + off, buf, "a KV piece")?;
+        // The staging buffer is reused by the next copy.
+        self.gpu.sync()
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // The buffers free themselves in this context.
+        let _ = self.gpu.bind();
+    }
+}
+
+/// The pool seen from inside a step, for `on_layer`.
+struct DeviceKv<'a> {
+    backend: &'a CudaBackend,
+}
+
+impl KvRead for DeviceKv<'_> {
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
+        if let Err(e) = self.backend.read_piece(block, layer, out) {
+            fatal(e);
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!(
+            "cuda:{} ({}, sm_{})",
+            self.ordinal, self.gpu.name, self.gpu.arch
+        )
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32> {
+        self.forward_inner(batch, on_layer)
+            .unwrap_or_else(|e| fatal(e))
+    }
+
+    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
+        if let Err(e) = self.read_piece(block, layer, out) {
+            fatal(e);
+        }
+    }
+
+    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {
+        if let Err(e) = self.write_piece(block, layer, data) {
+            fatal(e);
+        }
+    }
+}

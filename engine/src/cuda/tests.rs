@@ -1,0 +1,924 @@
+//! Host-side tests of the CUDA backend (they run on any machine), and the GPU
+//! tests in `gpu` (ignored; `scripts/gpu-check` runs them on a GPU machine).
+
+use std::collections::BTreeSet;
+
+use super::*;
+
+/// The `extern "C" __global__ void NAME(` entry points of kernels.cu.
+fn declared_kernels() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = KERNELS_CU;
+    while let Some(at) = rest.find("extern \"C\" __global__ void ") {
+        rest = &rest[at + "extern \"C\" __global__ void ".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            rest[name.len()..].starts_with('('),
+            "malformed declaration of {name}"
+        );
+        out.insert(name);
+    }
+    out
+}
+
+fn define(name: &str) -> usize {
+    let key = format!("#define {name} ");
+    let line = KERNELS_CU
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .unwrap_or_else(|| panic!("kernels.cu does not define {name}"));
+    line[key.len()..].trim().parse().expect("a number")
+}
+
+#[test]
+fn kernels_cu_declares_exactly_the_kernels_launched() {
+    let declared = declared_kernels();
+    let launched: BTreeSet<String> = KERNEL_NAMES.iter().map(|s| s.to_string()).collect();
+    assert_eq!(declared, launched);
+    assert_eq!(KERNEL_NAMES.len(), Kernel::AttnPrefill as usize + 1);
+    assert_eq!(KERNEL_NAMES[Kernel::QuantizeQ8 as usize], "quantize_q8");
+    assert_eq!(KERNEL_NAMES[Kernel::MmBf16 as usize], "mm_bf16");
+    assert_eq!(KERNEL_NAMES[Kernel::AttnDecode as usize], "attn_decode");
+}
+
+#[test]
+fn kernels_cu_needs_no_headers() {
+    // NVRTC is given no include paths.
+    assert!(!KERNELS_CU.contains("#include"));
+}
+
+#[test]
+fn geometry_constants_agree_with_kernels_cu() {
+    assert_eq!(define("MM_TOKENS"), MM_TOKENS);
+    assert_eq!(define("MAX_GROUP"), MAX_GROUP);
+    assert_eq!(define("MAX_LANE_ELEMS"), MAX_LANE_ELEMS);
+    assert_eq!(define("ATTN_DECODE_WARPS"), ATTN_DECODE_WARPS);
+    assert_eq!(define("ATTN_KEY_CHUNK"), ATTN_KEY_CHUNK);
+    assert_eq!(define("ATTN_PREFILL_TOKENS"), ATTN_PREFILL_TOKENS);
+    assert_eq!(define("WARP"), 32);
+    // The ggml type ids the embedding kernel switches on.
+    for (name, ty) in [
+        ("TY_F32", GgmlType::F32),
+        ("TY_F16", GgmlType::F16),
+        ("TY_Q4_0", GgmlType::Q4_0),
+        ("TY_Q4_1", GgmlType::Q4_1),
+        ("TY_Q8_0", GgmlType::Q8_0),
+        ("TY_BF16", GgmlType::BF16),
+    ] {
+        assert_eq!(define(name), ty.id() as usize, "{name}");
+    }
+    // Q8Act: d, s, sum, then 32 quants.
+    assert_eq!(Q8_ACT_BYTES, 4 + 4 + 4 + 32);
+}
+
+#[test]
+fn launch_geometry() {
+    assert_eq!(mm_grid(49_152, 1), (12_288, 1, 1));
+    assert_eq!(mm_grid(5, 17), (2, 3, 1));
+    assert_eq!(mm_grid(4, 8), (1, 1, 1));
+    assert_eq!(linear_grid(0, 256), (1, 1, 1));
+    assert_eq!(linear_grid(257, 256), (2, 1, 1));
+    assert_eq!(prefill_smem_bytes(64), 8192);
+    // Both attention kernels fit the 48 KiB every device gives without opting in.
+    assert!(prefill_smem_bytes(MAX_LANE_ELEMS * 32) <= 48 * 1024);
+    let decode_static = ATTN_DECODE_WARPS * MAX_GROUP * (2 + MAX_LANE_ELEMS * 32) * 4;
+    assert!(decode_static <= 48 * 1024, "{decode_static}");
+}
+
+#[test]
+fn args_sit_in_the_low_bytes_of_their_slots() {
+    assert_eq!(Arg::I(-1).slot(), 0xffff_ffff);
+    assert_eq!(Arg::I(7).slot(), 7);
+    assert_eq!(Arg::F(1.5).slot(), 1.5f32.to_bits() as u64);
+    assert_eq!(Arg::L(-2).slot(), (-2i64) as u64);
+    assert_eq!(Arg::P(0xdead_beef_0000).slot(), 0xdead_beef_0000);
+    let s = Arg::I(-3).slot().to_le_bytes();
+    assert_eq!(i32::from_le_bytes([s[0], s[1], s[2], s[3]]), -3);
+}
+
+#[test]
+fn index_arrays_are_aligned_and_round_trip() {
+    let p = PackedBatch {
+        tokens: vec![1, 2, 3],
+        pos: vec![0, 1, 2],
+        kv_dst: vec![10, 20, 30],
+        table_off: vec![0, 0, 0],
+        tables: vec![4],
+        decode: vec![],
+        tiles: vec![0, 3],
+        logit_rows: vec![2],
+    };
+    let (bytes, offs) = index_bytes(&p);
+    assert!(offs.iter().all(|o| o % 8 == 0), "{offs:?}");
+    let i32_at = |o: usize, i: usize| {
+        i32::from_le_bytes(bytes[o + 4 * i..o + 4 * i + 4].try_into().unwrap())
+    };
+    assert_eq!(i32_at(offs[0], 2), 3);
+    assert_eq!(i32_at(offs[1], 1), 1);
+    let kv = i64::from_le_bytes(bytes[offs[2] + 16..offs[2] + 24].try_into().unwrap());
+    assert_eq!(kv, 30);
+    assert_eq!(i32_at(offs[4], 0), 4);
+    assert_eq!(offs[5], offs[6], "an empty array takes no room");
+    assert_eq!((i32_at(offs[6], 0), i32_at(offs[6], 1)), (0, 3));
+    assert_eq!(i32_at(offs[7], 0), 2);
+    assert_eq!(bytes.len(), offs[7] + 4);
+}
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        name: "tiny".into(),
+        n_layers: 2,
+        d_model: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 16,
+        ffn_dim: 128,
+        vocab_size: 100,
+        context_length: 256,
+        rope_base: 10_000.0,
+        rope_dim: 16,
+        rms_eps: 1e-5,
+    }
+}
+
+#[test]
+fn unsupported_shapes_are_refused_at_load() {
+    let mut c = tiny_config();
+    assert!(check_supported(&c).is_ok());
+    c.head_dim = 512;
+    assert!(
+        check_supported(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("head_dim 512")
+    );
+    let mut c = tiny_config();
+    c.n_heads = 32;
+    c.n_kv_heads = 2;
+    assert!(
+        check_supported(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("16 query heads")
+    );
+}
+
+#[test]
+fn nvrtc_is_looked_for_under_the_cuda_13_name_first() {
+    let names: Vec<String> = nvrtc::nvrtc_candidates()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let first_plain = names
+        .iter()
+        .position(|n| n == "libnvrtc.so.13")
+        .expect("libnvrtc.so.13 is tried");
+    assert!(
+        names.iter().position(|n| n == "libnvrtc.so.12").unwrap() > first_plain,
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "/usr/local/cuda/lib64/libnvrtc.so.13")
+    );
+    assert_eq!(
+        nvrtc::compile_options(90)[0],
+        "--gpu-architecture=sm_90",
+        "a real architecture, for a CUBIN"
+    );
+    assert!(
+        !nvrtc::compile_options(90)
+            .iter()
+            .any(|o| o.contains("fast-math"))
+    );
+}
+
+/// On a machine without the driver (or without GPU `ordinal`), opening the
+/// device is an error that names what is missing, not a panic.
+#[test]
+fn a_missing_driver_or_device_is_a_clear_error() {
+    // SAFETY: only tries to open the library.
+    let driver = unsafe { sys::is_culib_present() };
+    let result = std::panic::catch_unwind(|| probe(0));
+    let result = result.expect("probing the device must not panic");
+    if !driver {
+        let e = result.expect_err("no driver here");
+        let msg = e.to_string();
+        assert!(matches!(e, CudaError::LibraryNotFound { .. }), "{msg}");
+        assert!(msg.contains("libcuda.so.1"), "{msg}");
+        assert!(msg.contains("--device cpu"), "{msg}");
+    }
+    // An ordinal no machine has is refused by name wherever the driver is.
+    let e = std::panic::catch_unwind(|| probe(999))
+        .expect("no panic")
+        .expect_err("no machine has 1000 GPUs");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("libcuda.so.1") || msg.contains("no CUDA device 999"),
+        "{msg}"
+    );
+}
+
+/// Kernel-by-kernel and whole-model comparisons with the CPU backend, on a GPU.
+/// Ignored by default; `scripts/gpu-check` runs them with `--ignored` and
+/// `TANDEM_REQUIRE_GPU=1`, which turns "no usable GPU" into a failure.
+mod gpu {
+    use half::{bf16, f16};
+
+    use super::super::*;
+    use crate::backend::CpuBackend;
+    use crate::cpu;
+    use crate::kv_cache::KvPool;
+    use crate::model::{paged_attention, rope_in_place};
+
+    /// The GPU, or `None` (a skip, said on stderr) unless TANDEM_REQUIRE_GPU is set.
+    fn gpu() -> Option<Gpu> {
+        match Gpu::open(0) {
+            Ok(g) => Some(g),
+            Err(e) if std::env::var_os("TANDEM_REQUIRE_GPU").is_some() => {
+                panic!("TANDEM_REQUIRE_GPU is set but the GPU did not open: {e}")
+            }
+            Err(e) => {
+                eprintln!("skipped: no usable GPU ({e})");
+                None
+            }
+        }
+    }
+
+    /// xorshift64*: reproducible inputs without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        /// Uniform in [lo, hi).
+        fn f(&mut self, lo: f32, hi: f32) -> f32 {
+            lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+        }
+
+        fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+            (0..n).map(|_| self.f(lo, hi)).collect()
+        }
+
+        fn byte(&mut self) -> u8 {
+            (self.next() >> 56) as u8
+        }
+    }
+
+    const ALL_TYPES: [GgmlType; 6] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ];
+
+    /// `rows` random rows of `cols` elements of `ty`, with realistic scales.
+    fn random_matrix(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let f16b = |v: f32| f16::from_f32(v).to_le_bytes();
+        for _ in 0..rows * cols / ty.block_elems() {
+            match ty {
+                GgmlType::F32 => out.extend(rng.f(-1.0, 1.0).to_le_bytes()),
+                GgmlType::F16 => out.extend(f16b(rng.f(-1.0, 1.0))),
+                GgmlType::BF16 => out.extend(bf16::from_f32(rng.f(-1.0, 1.0)).to_le_bytes()),
+                GgmlType::Q4_0 => {
+                    out.extend(f16b(rng.f(0.005, 0.05)));
+                    out.extend((0..16).map(|_| rng.byte()));
+                }
+                GgmlType::Q4_1 => {
+                    out.extend(f16b(rng.f(0.005, 0.05)));
+                    out.extend(f16b(rng.f(-0.3, 0.0)));
+                    out.extend((0..16).map(|_| rng.byte()));
+                }
+                GgmlType::Q8_0 => {
+                    out.extend(f16b(rng.f(0.001, 0.01)));
+                    out.extend((0..32).map(|_| rng.byte()));
+                }
+            }
+        }
+        out
+    }
+
+    fn upload_f32(x: &[f32]) -> DeviceBuf {
+        DeviceBuf::upload(x, "test input").expect("upload")
+    }
+
+    fn download_f32(g: &Gpu, b: &DeviceBuf, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        g.dtoh(&mut out, b.ptr, "test output").expect("download");
+        out
+    }
+
+    /// Asserts |a - b| ≤ rel · max|b| + abs everywhere, naming the worst element.
+    fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (mut worst, mut at) = (0f32, 0);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let d = (g - w).abs();
+            if d.is_nan() || d > worst {
+                worst = if d.is_nan() { f32::INFINITY } else { d };
+                at = i;
+            }
+        }
+        assert!(
+            worst <= rel * scale + abs,
+            "{what}: element {at} is {} on the GPU, {} on the CPU (scale {scale})",
+            got[at],
+            want[at]
+        );
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn quantize_q8_matches_the_cpu_bit_for_bit() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(1);
+        let n_blocks = 300;
+        let mut x = rng.vec(n_blocks * 32, -3.0, 3.0);
+        x[..32].fill(0.0); // an all-zero block: scale 0
+        x[40] = 0.5; // exact ties on the rounding grid
+        let xb = upload_f32(&x);
+        let q8 = DeviceBuf::alloc(n_blocks * Q8_ACT_BYTES, "q8").unwrap();
+        g.launch(
+            Kernel::QuantizeQ8,
+            linear_grid(n_blocks * 32, ROW_THREADS),
+            ROW_THREADS,
+            0,
+            &[Arg::P(xb.ptr), Arg::P(q8.ptr), Arg::I(n_blocks as i32)],
+        )
+        .unwrap();
+        let mut raw = vec![0u8; n_blocks * Q8_ACT_BYTES];
+        g.dtoh(&mut raw, q8.ptr, "q8").unwrap();
+        let want = cpu::quantize_acts(&x, 1, x.len());
+        for (i, (b, w)) in raw.chunks_exact(Q8_ACT_BYTES).zip(&want).enumerate() {
+            let f = |o: usize| f32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+            let sum = i32::from_le_bytes(b[8..12].try_into().unwrap());
+            let qs: Vec<i8> = b[12..44].iter().map(|&v| v as i8).collect();
+            assert_eq!((f(0), f(4), sum), (w.d, w.s, w.sum), "block {i}");
+            assert_eq!(qs, w.qs.to_vec(), "block {i}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn matrix_products_match_the_cpu_for_every_type() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(2);
+        let (rows, cols) = (37, 320);
+        for ty in ALL_TYPES {
+            let data = random_matrix(&mut rng, ty, rows, cols);
+            let host = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let w = DevMatrix::upload(&host, "test weight").unwrap();
+            for n in [1, 3, 8, 9, 20, 64] {
+                let x = rng.vec(n * cols, -2.0, 2.0);
+                let mut want = vec![0f32; n * rows];
+                cpu::matmul(&host, &x, n, &mut want);
+                let xb = upload_f32(&x);
+                let q8 = DeviceBuf::alloc(n * cols / 32 * Q8_ACT_BYTES, "q8").unwrap();
+                let out = DeviceBuf::alloc(n * rows * 4, "out").unwrap();
+                matmul(&g, q8.ptr, &w, xb.ptr, n, out.ptr, &mut None).unwrap();
+                let got = download_f32(&g, &out, n * rows);
+                assert_close(&format!("{ty:?} n={n}"), &got, &want, 1e-4, 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn embedding_rows_dequantize_like_the_cpu() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(3);
+        let (vocab, d) = (50, 96);
+        for ty in ALL_TYPES {
+            let data = random_matrix(&mut rng, ty, vocab, d);
+            let table = DeviceBuf::upload(&data, "table").unwrap();
+            let tokens: Vec<u32> = vec![0, 7, 49, 1000, 3]; // 1000 clamps to 49
+            let tb = DeviceBuf::upload(&tokens, "tokens").unwrap();
+            let out = DeviceBuf::alloc(tokens.len() * d * 4, "out").unwrap();
+            let rb = ty.row_bytes(d).unwrap();
+            g.launch(
+                Kernel::Embed,
+                (tokens.len() as u32, 1, 1),
+                ROW_THREADS,
+                0,
+                &[
+                    Arg::P(table.ptr),
+                    Arg::I(ty.id() as i32),
+                    Arg::L(rb as i64),
+                    Arg::P(tb.ptr),
+                    Arg::P(out.ptr),
+                    Arg::I(d as i32),
+                    Arg::I(vocab as i32),
+                ],
+            )
+            .unwrap();
+            let got = download_f32(&g, &out, tokens.len() * d);
+            let mut want = vec![0f32; tokens.len() * d];
+            for (row, &t) in want.chunks_mut(d).zip(&tokens) {
+                let t = (t as usize).min(vocab - 1);
+                cpu::dequantize_row(ty, &data[t * rb..(t + 1) * rb], row);
+            }
+            assert_eq!(got, want, "{ty:?}");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn row_and_elementwise_kernels_match_the_cpu() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(4);
+        let (rows, d) = (5, 576);
+        let x = rng.vec(rows * d, -4.0, 4.0);
+        let w = rng.vec(d, 0.5, 1.5);
+        let (xb, wb) = (upload_f32(&x), upload_f32(&w));
+        let out = DeviceBuf::alloc(rows * d * 4, "out").unwrap();
+        g.launch(
+            Kernel::RmsNorm,
+            (rows as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(xb.ptr),
+                Arg::P(wb.ptr),
+                Arg::P(out.ptr),
+                Arg::I(d as i32),
+                Arg::F(1e-5),
+            ],
+        )
+        .unwrap();
+        let mut want = vec![0f32; rows * d];
+        for (o, xr) in want.chunks_mut(d).zip(x.chunks(d)) {
+            cpu::rms_norm(xr, &w, 1e-5, o);
+        }
+        assert_close(
+            "rms_norm",
+            &download_f32(&g, &out, rows * d),
+            &want,
+            1e-6,
+            0.0,
+        );
+
+        let gate = rng.vec(rows * d, -8.0, 8.0);
+        let up = rng.vec(rows * d, -2.0, 2.0);
+        let (gb, ub) = (upload_f32(&gate), upload_f32(&up));
+        let total = rows * d;
+        g.launch(
+            Kernel::SiluMul,
+            linear_grid(total, ROW_THREADS),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(gb.ptr),
+                Arg::P(ub.ptr),
+                Arg::P(out.ptr),
+                Arg::L(total as i64),
+            ],
+        )
+        .unwrap();
+        let mut want = vec![0f32; total];
+        cpu::silu_mul(&gate, &up, &mut want);
+        assert_close(
+            "silu_mul",
+            &download_f32(&g, &out, total),
+            &want,
+            1e-6,
+            1e-7,
+        );
+
+        let bias = rng.vec(d, -1.0, 1.0);
+        let bb = upload_f32(&bias);
+        let xb2 = upload_f32(&x);
+        g.launch(
+            Kernel::AddBias,
+            linear_grid(total, ROW_THREADS),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(xb2.ptr),
+                Arg::P(bb.ptr),
+                Arg::L(total as i64),
+                Arg::I(d as i32),
+            ],
+        )
+        .unwrap();
+        g.launch(
+            Kernel::AddInplace,
+            linear_grid(total, ROW_THREADS),
+            ROW_THREADS,
+            0,
+            &[Arg::P(xb2.ptr), Arg::P(gb.ptr), Arg::L(total as i64)],
+        )
+        .unwrap();
+        let want: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i % d] + gate[i])
+            .collect();
+        assert_eq!(
+            download_f32(&g, &xb2, total),
+            want,
+            "add_bias then add_inplace"
+        );
+
+        let rows_wanted = [4i32, 0, 2];
+        let rw = DeviceBuf::upload(&rows_wanted, "rows").unwrap();
+        g.launch(
+            Kernel::GatherRows,
+            (3, 1, 1),
+            ROW_THREADS,
+            0,
+            &[
+                Arg::P(xb.ptr),
+                Arg::P(rw.ptr),
+                Arg::P(out.ptr),
+                Arg::I(d as i32),
+            ],
+        )
+        .unwrap();
+        let want: Vec<f32> = rows_wanted
+            .iter()
+            .flat_map(|&r| x[r as usize * d..(r as usize + 1) * d].to_vec())
+            .collect();
+        assert_eq!(download_f32(&g, &out, 3 * d), want, "gather_rows");
+    }
+
+    /// A small config for the attention and RoPE tests.
+    fn attn_config(arch: Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
+            name: "attn".into(),
+            n_layers: 2,
+            d_model: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn_dim: 1536,
+            vocab_size: 100,
+            context_length: 2048,
+            rope_base: 100_000.0,
+            rope_dim: 64,
+            rms_eps: 1e-5,
+        }
+    }
+
+    fn inv_freq(c: &ModelConfig) -> Vec<f64> {
+        (0..c.rope_dim / 2)
+            .map(|i| (c.rope_base as f64).powf(-2.0 * i as f64 / c.rope_dim as f64))
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn rope_matches_the_cpu_in_both_styles() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(5);
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            let c = attn_config(arch);
+            let freqs = inv_freq(&c);
+            let n = 6;
+            let positions: Vec<i32> = vec![0, 1, 17, 255, 1000, 2047];
+            let width = c.n_heads * c.head_dim;
+            let x = rng.vec(n * width, -2.0, 2.0);
+            let xb = upload_f32(&x);
+            let fb = DeviceBuf::upload(&freqs, "freqs").unwrap();
+            let p = PackedBatch {
+                pos: positions.clone(),
+                ..PackedBatch::default()
+            };
+            let mut slot = None;
+            let ix = upload_index(&g, &mut slot, &p).unwrap();
+            rope(&g, &c, fb.ptr, xb.ptr, c.n_heads, ix, n).unwrap();
+            let mut want = x.clone();
+            for (row, &pos) in want.chunks_mut(width).zip(&positions) {
+                rope_in_place(row, pos as usize, c.head_dim, &freqs, arch);
+            }
+            assert_close(
+                &format!("rope {arch:?}"),
+                &download_f32(&g, &xb, n * width),
+                &want,
+                1e-6,
+                1e-6,
+            );
+        }
+    }
+
+    /// The whole pool's bytes, block after block, as the device holds them.
+    fn pool_bytes(pool: &KvPool, num_blocks: usize) -> Vec<u8> {
+        let layers = pool.layout().n_layers;
+        (0..num_blocks as u32)
+            .flat_map(|b| (0..layers).map(move |l| (b, l)))
+            .flat_map(|(b, l)| pool.piece_bytes(b, l).to_vec())
+            .collect()
+    }
+
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn kv_write_and_both_attention_variants_match_the_cpu() {
+        let Some(g) = gpu() else { return };
+        let mut rng = Rng(6);
+        let c = attn_config(Arch::Llama);
+        let layout = c.kv_layout(16);
+        let num_blocks = 16;
+        let (kv_dim, q_dim) = (c.n_kv_heads * c.head_dim, c.n_heads * c.head_dim);
+        // Earlier K/V already in the pool (a cached prefix), random f16.
+        let mut pool = KvPool::new(layout, num_blocks);
+        for b in 0..num_blocks as u32 {
+            for l in 0..layout.n_layers {
+                for v in pool.piece_bytes_mut(b, l).chunks_exact_mut(2) {
+                    v.copy_from_slice(&f16::from_f32(rng.f(-1.0, 1.0)).to_le_bytes());
+                }
+            }
+        }
+        // A prefill chunk after a cached prefix, a decode step deep in a
+        // sequence, and a fresh short prompt.
+        let long: Vec<u32> = (0..21).collect();
+        let short: Vec<u32> = (0..3).collect();
+        let batch = [
+            BatchSeq {
+                tokens: &long,
+                start_pos: 5,
+                blocks: &[3, 1],
+                want_logits: true,
+            },
+            BatchSeq {
+                tokens: &[9],
+                start_pos: 40,
+                blocks: &[0, 7, 2],
+                want_logits: true,
+            },
+            BatchSeq {
+                tokens: &short,
+                start_pos: 0,
+                blocks: &[12],
+                want_logits: false,
+            },
+        ];
+        let p = pack(&batch, layout, num_blocks).unwrap();
+        let n = p.n_tokens();
+        let q = rng.vec(n * q_dim, -2.0, 2.0);
+        let k = rng.vec(n * kv_dim, -2.0, 2.0);
+        let v = rng.vec(n * kv_dim, -2.0, 2.0);
+        let layer = 1;
+
+        let all = pool_bytes(&pool, num_blocks);
+        let pool_dev = DeviceBuf::upload(&all, "pool").unwrap();
+        let (qb, kb, vb) = (upload_f32(&q), upload_f32(&k), upload_f32(&v));
+        let out = DeviceBuf::alloc(n * q_dim * 4, "out").unwrap();
+        let mut slot = None;
+        let ix = upload_index(&g, &mut slot, &p).unwrap();
+        kv_write(&g, &layout, kb.ptr, vb.ptr, pool_dev.ptr, ix, n, layer).unwrap();
+        attention(
+            &g,
+            &c,
+            &layout,
+            qb.ptr,
+            pool_dev.ptr,
+            out.ptr,
+            ix,
+            &p,
+            layer,
+        )
+        .unwrap();
+        let got = download_f32(&g, &out, n * q_dim);
+        let mut pool_after = vec![0u8; all.len()];
+        g.dtoh(&mut pool_after, pool_dev.ptr, "pool").unwrap();
+
+        let mut token_pos = Vec::new();
+        for (i, s) in batch.iter().enumerate() {
+            token_pos.extend((0..s.tokens.len()).map(|j| (i, s.start_pos + j)));
+        }
+        for (t, &(seq, pos)) in token_pos.iter().enumerate() {
+            let block = batch[seq].blocks[pos / layout.block_size];
+            pool.write_slot(
+                block,
+                layer,
+                pos % layout.block_size,
+                &k[t * kv_dim..(t + 1) * kv_dim],
+                &v[t * kv_dim..(t + 1) * kv_dim],
+            );
+        }
+        let want_pool = pool_bytes(&pool, num_blocks);
+        assert!(
+            pool_after == want_pool,
+            "the pool after kv_write differs from the CPU's"
+        );
+        let mut want = vec![0f32; n * q_dim];
+        paged_attention(&c, &pool, layer, &batch, &token_pos, &q, &mut want);
+        assert_close("attention", &got, &want, 1e-5, 1e-6);
+    }
+
+    /// The chat prompts of the llama.cpp reference, as token ids.
+    fn reference_prompts() -> Vec<Vec<u32>> {
+        let v: serde_json::Value =
+            serde_json::from_str(crate::paths::reference_json()).expect("reference JSON");
+        v["chat"]
+            .as_array()
+            .expect("chat cases")
+            .iter()
+            .map(|c| {
+                c["prompt_ids"]
+                    .as_array()
+                    .expect("ids")
+                    .iter()
+                    .map(|x| x.as_u64().expect("id") as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn argmax(x: &[f32]) -> (usize, f32) {
+        let mut best = (0, f32::NEG_INFINITY);
+        let mut second = f32::NEG_INFINITY;
+        for (i, &v) in x.iter().enumerate() {
+            if v > best.1 {
+                second = best.1;
+                best = (i, v);
+            } else if v > second {
+                second = v;
+            }
+        }
+        (best.0, best.1 - second)
+    }
+
+    /// The whole forward pass on the default model: logits of a batched
+    /// prefill and of decode steps, and the KV pieces, against the CPU backend.
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn whole_model_matches_the_cpu_backend() {
+        if gpu().is_none() {
+            return;
+        }
+        let path = crate::paths::test_model_path();
+        let load = || Model::load(crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
+        let (bs, nb) = (16, 64);
+        let mut cpu_b = CpuBackend::new(load(), bs, nb);
+        let mut gpu_b = CudaBackend::new(load(), bs, nb, 0).expect("the CUDA backend loads");
+        let vocab = cpu_b.config().vocab_size;
+        assert_eq!(gpu_b.kv_layout(), cpu_b.kv_layout());
+        let prompts = reference_prompts();
+        let (a, b) = (&prompts[0], &prompts[1 % prompts.len()]);
+        let steps = 24;
+        let blocks_a: Vec<u32> = (0..(a.len() + steps).div_ceil(bs) as u32).collect();
+        let first_b = blocks_a.len() as u32;
+        let blocks_b: Vec<u32> =
+            (first_b..first_b + (b.len() + steps).div_ceil(bs) as u32).collect();
+        assert!(blocks_b.last().is_some_and(|&x| (x as usize) < nb));
+
+        let compare = |what: &str, c: &[f32], g: &[f32]| {
+            assert_close(what, g, c, 2e-3, 1e-3);
+            for (row, (cr, gr)) in c.chunks(vocab).zip(g.chunks(vocab)).enumerate() {
+                let (ci, gap) = argmax(cr);
+                let (gi, _) = argmax(gr);
+                assert!(
+                    ci == gi || gap < 1e-2,
+                    "{what}: row {row} argmax {gi} on the GPU, {ci} on the CPU (gap {gap})"
+                );
+            }
+        };
+        let piece_bytes = cpu_b.kv_layout().piece_bytes();
+        let mut layers_seen = Vec::new();
+        let batch = [
+            BatchSeq {
+                tokens: a,
+                start_pos: 0,
+                blocks: &blocks_a,
+                want_logits: true,
+            },
+            BatchSeq {
+                tokens: b,
+                start_pos: 0,
+                blocks: &blocks_b,
+                want_logits: true,
+            },
+        ];
+        let c = cpu_b.forward(&batch, &mut |_, _| {});
+        let gl = gpu_b.forward(&batch, &mut |l, kv| {
+            layers_seen.push(l);
+            // Reading a piece mid-step gives this step's K/V of layer l.
+            let mut piece = Vec::new();
+            kv.read_kv_piece(blocks_a[0], l, &mut piece);
+            assert_eq!(piece.len(), piece_bytes);
+        });
+        assert_eq!(
+            layers_seen,
+            (0..cpu_b.config().n_layers).collect::<Vec<_>>()
+        );
+        compare("prefill", &c, &gl);
+
+        let (mut ta, mut tb) = (argmax(&c[..vocab]).0 as u32, argmax(&c[vocab..]).0 as u32);
+        for step in 0..steps {
+            let (ia, ib) = ([ta], [tb]);
+            let batch = [
+                BatchSeq {
+                    tokens: &ia,
+                    start_pos: a.len() + step,
+                    blocks: &blocks_a,
+                    want_logits: true,
+                },
+                BatchSeq {
+                    tokens: &ib,
+                    start_pos: b.len() + step,
+                    blocks: &blocks_b,
+                    want_logits: true,
+                },
+            ];
+            let c = cpu_b.forward(&batch, &mut |_, _| {});
+            let gl = gpu_b.forward(&batch, &mut |_, _| {});
+            compare(&format!("decode step {step}"), &c, &gl);
+            ta = argmax(&c[..vocab]).0 as u32;
+            tb = argmax(&c[vocab..]).0 as u32;
+        }
+
+        // KV pieces: the same layout and nearly the same values (f16 of
+        // nearly equal f32s), for the first and last layers.
+        let last = cpu_b.config().n_layers - 1;
+        for (blk, layer) in [(blocks_a[0], 0), (blocks_b[0], last), (blocks_a[1], last)] {
+            let (mut cp, mut gp) = (Vec::new(), Vec::new());
+            cpu_b.read_kv_piece(blk, layer, &mut cp);
+            gpu_b.read_kv_piece(blk, layer, &mut gp);
+            let f = |v: &[u8]| -> Vec<f32> {
+                v.chunks_exact(2)
+                    .map(|h| f16::from_le_bytes([h[0], h[1]]).to_f32())
+                    .collect()
+            };
+            assert_close(
+                &format!("KV block {blk} layer {layer}"),
+                &f(&gp),
+                &f(&cp),
+                1e-2,
+                1e-2,
+            );
+        }
+        // A piece written in comes back out unchanged.
+        let mut cp = Vec::new();
+        cpu_b.read_kv_piece(blocks_a[0], 3, &mut cp);
+        gpu_b.write_kv_piece((nb - 1) as u32, 3, &cp);
+        let mut back = Vec::new();
+        gpu_b.read_kv_piece((nb - 1) as u32, 3, &mut back);
+        assert!(
+            back == cp,
+            "write_kv_piece then read_kv_piece changed the bytes"
+        );
+    }
+
+    /// Greedy generation through the whole engine (scheduler, batching,
+    /// sampling on the host) gives the CPU's tokens on the reference prompts.
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn engine_greedy_output_on_cuda_equals_cpu() {
+        use crate::device::Device;
+        use crate::engine::{Engine, EngineConfig, Request};
+        if gpu().is_none() {
+            return;
+        }
+        let run = |device: Device| -> Vec<Vec<u32>> {
+            let engine = Engine::load(
+                crate::paths::test_model_path(),
+                EngineConfig {
+                    kv_cache_tokens: 4096,
+                    device,
+                    ..EngineConfig::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("loading on {device}: {e}"));
+            // Submitted together, so they decode as one batch.
+            let handles: Vec<_> = reference_prompts()
+                .into_iter()
+                .map(|p| engine.submit(Request::new(p, 48)).expect("submit"))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.wait()
+                        .expect("generation")
+                        .tokens
+                        .iter()
+                        .map(|t| t.id)
+                        .collect()
+                })
+                .collect()
+        };
+        let cpu_out = run(Device::Cpu);
+        let gpu_out = run(Device::Cuda(0));
+        for (i, (c, g)) in cpu_out.iter().zip(&gpu_out).enumerate() {
+            let same = c.iter().zip(g).take_while(|(x, y)| x == y).count();
+            assert!(
+                c == g,
+                "prompt {i}: CUDA diverges from the CPU at token {same}: cpu {c:?} cuda {g:?}"
+            );
+        }
+    }
+}
