@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rayon::prelude::*;
 use serde::Serialize;
+use tandem_engine::device::Device;
 use tandem_engine::engine::{Engine, EngineConfig, Request, TokenEvent};
 
 /// Options of `tandem bench engine`.
@@ -15,6 +16,7 @@ use tandem_engine::engine::{Engine, EngineConfig, Request, TokenEvent};
 pub struct EngineBenchOptions {
     pub model: PathBuf,
     pub threads: Option<usize>,
+    pub device: Device,
     pub json: bool,
     pub llama_bench: Option<PathBuf>,
     pub llama_server: Option<PathBuf>,
@@ -25,6 +27,8 @@ pub struct EngineBenchOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineBenchReport {
     pub model: String,
+    /// The device the engine ran on (`cpu`, `cuda:0`).
+    pub device: String,
     pub threads: usize,
     pub simd: &'static str,
     /// Prompt tokens per second for a 512-token prompt.
@@ -273,6 +277,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
         &opts.model,
         EngineConfig {
             threads: Some(threads),
+            device: opts.device,
             ..EngineConfig::default()
         },
     )
@@ -345,6 +350,7 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
 
     let report = EngineBenchReport {
         model: model.config().name.clone(),
+        device: opts.device.to_string(),
         threads,
         simd: tandem_engine::cpu::simd_level(),
         prefill_tok_s: mean(&prefill),
@@ -366,7 +372,10 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
 }
 
 fn print_table(r: &EngineBenchReport) {
-    println!("model {}  threads {}  simd {}", r.model, r.threads, r.simd);
+    println!(
+        "model {}  device {}  threads {}  simd {}",
+        r.model, r.device, r.threads, r.simd
+    );
     let llama = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
     println!("{:<34} {:>12} {:>12}", "", "tandem", "llama.cpp");
     println!(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::json;
 use tandem_engine::chat_template::ChatMessage;
+use tandem_engine::device::Device;
 use tandem_engine::engine::{Engine, EngineConfig, Request, TokenEvent};
 use tandem_engine::gguf::GgufFile;
 use tandem_engine::sampling::SamplingParams;
@@ -34,6 +35,7 @@ pub struct GenerateOptions {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub threads: Option<usize>,
+    pub device: Device,
     pub json: bool,
 }
 
@@ -76,6 +78,7 @@ pub fn run(opts: &GenerateOptions) -> anyhow::Result<()> {
         &opts.model,
         EngineConfig {
             threads: opts.threads,
+            device: opts.device,
             ..EngineConfig::default()
         },
     )

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tandem::bench::{self, EngineBenchOptions};
 use tandem::generate::{self, GenerateOptions, PromptKind};
+use tandem_engine::device::Device;
 
 /// Disaggregated LLM serving: prefill and decode workers, KV-aware routing, a control plane.
 #[derive(Parser)]
@@ -114,6 +115,9 @@ enum BenchCommand {
         /// Compute threads (default: every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// The device to run on: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: Device,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -244,6 +248,9 @@ struct GenerateArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// The device to run on: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: Device,
     /// Print one JSON object with ids, text, finish reason and top-3 log-probabilities.
     #[arg(long)]
     json: bool,
@@ -328,6 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed: a.seed,
                 stop: a.stop,
                 threads: a.threads,
+                device: a.device,
                 json: a.json,
             };
             generate::run(&opts)?;
@@ -340,6 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 BenchCommand::Engine {
                     model,
                     threads,
+                    device,
                     json,
                     llama_bench,
                     llama_server,
@@ -349,6 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = EngineBenchOptions {
                 model: model.resolve()?,
                 threads,
+                device,
                 json,
                 llama_bench,
                 llama_server,

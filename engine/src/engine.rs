@@ -1479,6 +1479,34 @@ mod tests {
         assert_eq!(stop_scan("abc", 0, &[]), (3, false));
     }
 
+    /// `--device cuda` where it cannot run is an error that says why, not a panic:
+    /// a build without the feature says how to build it; a machine without the
+    /// driver (or the GPU) names what is missing.
+    #[test]
+    fn cuda_where_it_cannot_run_is_a_clear_error() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::probe(0).is_ok() {
+            eprintln!("skipped: this machine has a GPU");
+            return;
+        }
+        let config = EngineConfig {
+            kv_cache_tokens: 256,
+            device: Device::Cuda(0),
+            ..EngineConfig::default()
+        };
+        let load = || Engine::load(crate::paths::test_model_path(), config.clone());
+        let result = std::panic::catch_unwind(load).expect("loading must not panic");
+        let msg = result.expect_err("no CUDA here").to_string();
+        if cfg!(feature = "cuda") {
+            assert!(
+                msg.contains("libcuda.so.1") || msg.contains("no CUDA device"),
+                "{msg}"
+            );
+        } else {
+            assert!(msg.contains("--features cuda"), "{msg}");
+        }
+    }
+
     #[test]
     fn config_validation_names_the_field() {
         let bad = EngineConfig {

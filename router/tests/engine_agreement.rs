@@ -51,6 +51,7 @@ fn simulated_worker_hits_match_the_engine() {
         max_batch_tokens: 48,
         max_running: 64,
         threads: Some(1),
+        ..EngineConfig::default()
     };
     let engine =
         Engine::load(paths::test_model_path(), config.clone()).expect("load the default model");

@@ -58,6 +58,9 @@ struct Q8Act {
     int qs[8];
 };
 
+__device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
+
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -159,7 +162,7 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, Q8Act* __res
     float d = __fdiv_rn(amax, 127.0f);
     float id = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
     int q = __float2int_rn(__fmul_rn(v, id));
-    q = max(-128, min(127, q));
+    q = imax(-128, imin(127, q));
     int sum = warp_sum_int(q);
     ((signed char*)out[blk].qs)[lane] = (signed char)q;
     if (lane == 0) {
@@ -185,7 +188,7 @@ __device__ __forceinline__ void mm_q(const u8* __restrict__ w, const Q8Act* __re
     int lane = threadIdx.x % WARP;
     int t0 = blockIdx.y * MM_TOKENS;
     if (row >= rows) return;  // uniform per warp
-    int tn = min(MM_TOKENS, n - t0);
+    int tn = imin(MM_TOKENS, n - t0);
     const u8* wr = w + (i64)row * nb * bbytes;
     float acc[MM_TOKENS];
 #pragma unroll
@@ -243,7 +246,7 @@ __device__ __forceinline__ void mm_f(const u8* __restrict__ w, const float* __re
     int lane = threadIdx.x % WARP;
     int t0 = blockIdx.y * MM_TOKENS;
     if (row >= rows) return;
-    int tn = min(MM_TOKENS, n - t0);
+    int tn = imin(MM_TOKENS, n - t0);
     const i64 esize = TY == TY_F32 ? 4 : 2;
     const u8* wr = w + (i64)row * cols * esize;
     float acc[MM_TOKENS];
@@ -571,7 +574,7 @@ extern "C" __global__ void attn_prefill(const float* __restrict__ q, const u16* 
     OnlineSoftmax st;
     softmax_init(st);
     for (int c0 = 0; c0 < max_ctx; c0 += ATTN_KEY_CHUNK) {
-        int nk = min(ATTN_KEY_CHUNK, max_ctx - c0);
+        int nk = imin(ATTN_KEY_CHUNK, max_ctx - c0);
         for (int idx = threadIdx.x; idx < nk * hd; idx += blockDim.x) {
             int j = c0 + idx / hd, i = idx % hd;
             i64 base = (i64)table[j / bs] * block_elems + layer_off + (i64)(j % bs) * kv_dim +
@@ -581,7 +584,7 @@ extern "C" __global__ void attn_prefill(const float* __restrict__ q, const u16* 
         }
         __syncthreads();
         if (active) {
-            int stop = min(nk, ctx - c0);
+            int stop = imin(nk, ctx - c0);
             for (int jj = 0; jj < stop; ++jj) {
                 float kr[MAX_LANE_ELEMS], vr[MAX_LANE_ELEMS];
 #pragma unroll

@@ -26,6 +26,8 @@
 //!   write received pieces straight into it, replacing the staging copies of
 //!   `write_kv_piece`, behind the same `Transport` trait.
 
+#[cfg(test)]
+mod emulate;
 mod nvrtc;
 mod pack;
 #[cfg(test)]
@@ -268,7 +270,7 @@ pub(crate) enum Arg {
 impl Arg {
     /// The argument in an 8-byte slot: the kernel reads its own size from the
     /// start, which on a little-endian host is the low bytes.
-    fn slot(self) -> u64 {
+    pub(crate) fn slot(self) -> u64 {
         match self {
             Arg::P(p) => p,
             Arg::I(i) => i as u32 as u64,
@@ -310,6 +312,44 @@ pub(crate) fn check_supported(c: &ModelConfig) -> Result<(), CudaError> {
             "head_dim {} (at most {})",
             c.head_dim,
             MAX_LANE_ELEMS * 32
+        )));
+    }
+    Ok(())
+}
+
+/// Where kernels run: the GPU's stream, or in tests the host emulation of
+/// kernels.cu (`emulate`), which takes the same arguments.
+pub(crate) trait Launch {
+    /// Queues kernel `k` with `args` (each passed by value, in kernels.cu's order).
+    fn launch(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError>;
+}
+
+impl Launch for Gpu {
+    fn launch(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        self.launch_kernel(k, grid, block, smem, args)
+    }
+}
+
+/// Checks a grid against the limits every device has.
+fn check_grid(k: Kernel, grid: (u32, u32, u32)) -> Result<(), CudaError> {
+    if grid.1 > 65_535 || grid.2 > 65_535 {
+        return Err(CudaError::Batch(format!(
+            "{} grid {grid:?} is beyond the device's limits",
+            KERNEL_NAMES[k as usize]
         )));
     }
     Ok(())
@@ -381,7 +421,7 @@ impl Gpu {
     }
 
     /// Queues kernel `k` on the stream.
-    fn launch(
+    fn launch_kernel(
         &self,
         k: Kernel,
         grid: (u32, u32, u32),
@@ -392,12 +432,7 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        if grid.1 > 65_535 || grid.2 > 65_535 {
-            return Err(CudaError::Batch(format!(
-                "{} grid {grid:?} is beyond the device's limits",
-                KERNEL_NAMES[k as usize]
-            )));
-        }
+        check_grid(k, grid)?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         let mut params: Vec<*mut c_void> = slots
             .iter_mut()
@@ -457,9 +492,9 @@ impl Drop for Gpu {
 /// remembers which input `q8` holds, so q, k and v (and gate and up) quantize
 /// their shared input once. Callers reset it when that input is rewritten.
 fn matmul(
-    gpu: &Gpu,
+    gpu: &dyn Launch,
     q8: u64,
-    w: &DevMatrix,
+    w: WeightRef,
     x: u64,
     n: usize,
     out: u64,
@@ -497,7 +532,7 @@ fn matmul(
         block,
         0,
         &[
-            Arg::P(w.buf.ptr),
+            Arg::P(w.ptr),
             Arg::P(input),
             Arg::P(out),
             Arg::I(w.rows as i32),
@@ -505,6 +540,15 @@ fn matmul(
             Arg::I(n as i32),
         ],
     )
+}
+
+/// A weight matrix's place on the device and its shape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WeightRef {
+    pub ptr: u64,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// Bytes per row of a device matrix.
@@ -522,6 +566,15 @@ struct DevMatrix {
 }
 
 impl DevMatrix {
+    fn weight(&self) -> WeightRef {
+        WeightRef {
+            ptr: self.buf.ptr,
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     fn upload(m: &QMatrix<'_>, what: &str) -> Result<Self, CudaError> {
         Ok(Self {
             buf: DeviceBuf::upload(m.data, what)?,
@@ -595,9 +648,15 @@ impl Activations {
     }
 }
 
-/// The batch's index arrays in one device buffer, at these byte offsets.
+/// The batch's index arrays in one device buffer.
 struct IndexBuf {
     buf: DeviceBuf,
+    ptrs: IndexPtrs,
+}
+
+/// Where each of the batch's index arrays starts on the device.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct IndexPtrs {
     tokens: u64,
     pos: u64,
     kv_dst: u64,
@@ -606,6 +665,32 @@ struct IndexBuf {
     decode: u64,
     tiles: u64,
     logit_rows: u64,
+}
+
+impl IndexPtrs {
+    /// The arrays of `index_bytes`'s layout, uploaded at `base`.
+    pub(crate) fn at(base: u64, offs: [usize; 8]) -> Self {
+        let [
+            tokens,
+            pos,
+            kv_dst,
+            table_off,
+            tables,
+            decode,
+            tiles,
+            logit_rows,
+        ] = offs.map(|o| base + o as u64);
+        Self {
+            tokens,
+            pos,
+            kv_dst,
+            table_off,
+            tables,
+            decode,
+            tiles,
+            logit_rows,
+        }
+    }
 }
 
 /// Lays the packed arrays out back to back, each 8-byte aligned; returns the
@@ -630,52 +715,35 @@ pub(crate) fn index_bytes(p: &PackedBatch) -> (Vec<u8>, [usize; 8]) {
 }
 
 /// Uploads the packed batch's index arrays in one copy into `slot`, growing it.
-fn upload_index<'a>(
+fn upload_index(
     gpu: &Gpu,
-    slot: &'a mut Option<IndexBuf>,
+    slot: &mut Option<IndexBuf>,
     p: &PackedBatch,
-) -> Result<&'a IndexBuf, CudaError> {
-    let (bytes, o) = index_bytes(p);
+) -> Result<IndexPtrs, CudaError> {
+    let (bytes, offs) = index_bytes(p);
     if slot.as_ref().is_none_or(|i| i.buf.bytes < bytes.len()) {
         *slot = None;
         *slot = Some(IndexBuf {
             buf: DeviceBuf::alloc(bytes.len().next_power_of_two().max(4096), "batch indices")?,
-            tokens: 0,
-            pos: 0,
-            kv_dst: 0,
-            table_off: 0,
-            tables: 0,
-            decode: 0,
-            tiles: 0,
-            logit_rows: 0,
+            ptrs: IndexPtrs::default(),
         });
     }
     let Some(ix) = slot.as_mut() else {
         return Err(CudaError::Batch("index buffer missing".into()));
     };
-    let base = ix.buf.ptr;
-    [
-        ix.tokens,
-        ix.pos,
-        ix.kv_dst,
-        ix.table_off,
-        ix.tables,
-        ix.decode,
-        ix.tiles,
-        ix.logit_rows,
-    ] = o.map(|off| base + off as u64);
-    gpu.htod(base, &bytes, "batch indices")?;
-    Ok(ix)
+    ix.ptrs = IndexPtrs::at(ix.buf.ptr, offs);
+    gpu.htod(ix.buf.ptr, &bytes, "batch indices")?;
+    Ok(ix.ptrs)
 }
 
 /// Rotates the `n_heads` heads of each of the `n` rows of `x` by its position.
 fn rope(
-    gpu: &Gpu,
+    gpu: &dyn Launch,
     c: &ModelConfig,
     inv_freq: u64,
     x: u64,
     n_heads: usize,
-    ix: &IndexBuf,
+    ix: &IndexPtrs,
     n: usize,
 ) -> Result<(), CudaError> {
     gpu.launch(
@@ -698,12 +766,12 @@ fn rope(
 /// Writes the `n` rows of `k` and `v` into their slots of `layer` in the pool.
 #[allow(clippy::too_many_arguments)]
 fn kv_write(
-    gpu: &Gpu,
+    gpu: &dyn Launch,
     layout: &KvLayout,
     k: u64,
     v: u64,
     pool: u64,
-    ix: &IndexBuf,
+    ix: &IndexPtrs,
     n: usize,
     layer: usize,
 ) -> Result<(), CudaError> {
@@ -729,13 +797,13 @@ fn kv_write(
 /// the prefill kernel for the tiles of longer ones.
 #[allow(clippy::too_many_arguments)]
 fn attention(
-    gpu: &Gpu,
+    gpu: &dyn Launch,
     c: &ModelConfig,
     layout: &KvLayout,
     q: u64,
     pool: u64,
     out: u64,
-    ix: &IndexBuf,
+    ix: &IndexPtrs,
     p: &PackedBatch,
     layer: usize,
 ) -> Result<(), CudaError> {
@@ -920,7 +988,7 @@ impl CudaBackend {
     }
 
     fn rms_norm(&self, x: u64, w: u64, out: u64, rows: usize) -> Result<(), CudaError> {
-        self.gpu.launch(
+        self.gpu.launch_kernel(
             Kernel::RmsNorm,
             (rows as u32, 1, 1),
             ROW_THREADS,
@@ -937,7 +1005,7 @@ impl CudaBackend {
 
     fn elementwise(&self, k: Kernel, args: &[Arg], total: usize) -> Result<(), CudaError> {
         self.gpu
-            .launch(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
+            .launch_kernel(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
     }
 
     fn forward_inner(
@@ -953,9 +1021,9 @@ impl CudaBackend {
         }
         let n_logits = p.logit_rows.len();
         self.reserve(n, n_logits)?;
-        upload_index(&self.gpu, &mut self.index, &p)?;
+        let ix = &upload_index(&self.gpu, &mut self.index, &p)?;
         let this = &*self;
-        let (Some(a), Some(ix)) = (this.acts.as_ref(), this.index.as_ref()) else {
+        let Some(a) = this.acts.as_ref() else {
             return Err(CudaError::Batch("buffers missing after reserve".into()));
         };
         let c = &this.config;
@@ -963,7 +1031,7 @@ impl CudaBackend {
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
 
         let embd = &this.token_embd;
-        this.gpu.launch(
+        this.gpu.launch_kernel(
             Kernel::Embed,
             (n as u32, 1, 1),
             ROW_THREADS,
@@ -986,7 +1054,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.wq,
+                layer.wq.weight(),
                 a.xn.ptr,
                 n,
                 a.q.ptr,
@@ -995,7 +1063,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.wk,
+                layer.wk.weight(),
                 a.xn.ptr,
                 n,
                 a.k.ptr,
@@ -1004,7 +1072,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.wv,
+                layer.wv.weight(),
                 a.xn.ptr,
                 n,
                 a.v.ptr,
@@ -1060,7 +1128,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.wo,
+                layer.wo.weight(),
                 a.attn.ptr,
                 n,
                 a.proj.ptr,
@@ -1077,7 +1145,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.w_gate,
+                layer.w_gate.weight(),
                 a.xn.ptr,
                 n,
                 a.gate.ptr,
@@ -1086,7 +1154,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.w_up,
+                layer.w_up.weight(),
                 a.xn.ptr,
                 n,
                 a.up.ptr,
@@ -1106,7 +1174,7 @@ impl CudaBackend {
             matmul(
                 &this.gpu,
                 a.acts_q8.ptr,
-                &layer.w_down,
+                layer.w_down.weight(),
                 a.act.ptr,
                 n,
                 a.proj.ptr,
@@ -1125,7 +1193,7 @@ impl CudaBackend {
             this.gpu.sync()?;
             return Ok(Vec::new());
         }
-        this.gpu.launch(
+        this.gpu.launch_kernel(
             Kernel::GatherRows,
             (n_logits as u32, 1, 1),
             ROW_THREADS,
@@ -1143,7 +1211,7 @@ impl CudaBackend {
         matmul(
             &this.gpu,
             a.acts_q8.ptr,
-            head,
+            head.weight(),
             a.last_norm.ptr,
             n_logits,
             a.logits.ptr,

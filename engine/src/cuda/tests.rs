@@ -198,6 +198,70 @@ fn nvrtc_is_looked_for_under_the_cuda_13_name_first() {
     );
 }
 
+/// CUDA's builtins as plain C++ declarations, so a host compiler can check
+/// kernels.cu's syntax and types (not its semantics) where there is no nvcc.
+const HOST_PRELUDE: &str = r#"#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__
+#define __restrict__ __restrict
+struct dim3_ { unsigned x, y, z; };
+extern dim3_ threadIdx, blockIdx, blockDim;
+float __int_as_float(int);
+int __float2int_rn(float);
+float __fmul_rn(float, float);
+float __fdiv_rn(float, float);
+float __fadd_rn(float, float);
+float __fsub_rn(float, float);
+float __shfl_xor_sync(unsigned, float, int);
+int __shfl_xor_sync(unsigned, int, int);
+double __shfl_xor_sync(unsigned, double, int);
+void __syncthreads();
+float expf(float);
+float fabsf(float);
+float fmaxf(float, float);
+double sqrt(double);
+void sincos(double, double*, double*);
+"#;
+
+/// kernels.cu parses and type-checks as C++ with the builtins stubbed, when
+/// g++ is installed: NVRTC errors caught before a GPU machine is needed.
+#[test]
+fn kernels_cu_type_checks_as_host_cpp() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("g++")
+        .args([
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+            "-x",
+            "c++",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("skipped: no g++");
+        return;
+    };
+    let source = format!(
+        "{HOST_PRELUDE}\n{}",
+        KERNELS_CU.replace("asm(", "__asm__ volatile(")
+    );
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(source.as_bytes())
+        .expect("write to g++");
+    let out = child.wait_with_output().expect("g++ runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && errors.is_empty(), "{errors}");
+}
+
 /// On a machine without the driver (or without GPU `ordinal`), opening the
 /// device is an error that names what is missing, not a panic.
 #[test]
@@ -224,20 +288,113 @@ fn a_missing_driver_or_device_is_a_clear_error() {
     );
 }
 
-/// Kernel-by-kernel and whole-model comparisons with the CPU backend, on a GPU.
-/// Ignored by default; `scripts/gpu-check` runs them with `--ignored` and
-/// `TANDEM_REQUIRE_GPU=1`, which turns "no usable GPU" into a failure.
-mod gpu {
+/// Every kernel against its CPU reference on random inputs, twice: on the
+/// host emulation of kernels.cu (`emulated::`, runs wherever g++ is), and on
+/// the GPU (`on_gpu::`, ignored by default; `scripts/gpu-check` runs them with
+/// `--ignored` and `TANDEM_REQUIRE_GPU=1`, which turns "no usable GPU" into a
+/// failure).
+mod kernels {
     use half::{bf16, f16};
 
+    use super::super::emulate::Emu;
     use super::super::*;
-    use crate::backend::CpuBackend;
     use crate::cpu;
     use crate::kv_cache::KvPool;
     use crate::model::{paged_attention, rope_in_place};
 
+    /// Memory and launches on the GPU or in the emulation.
+    pub(super) trait TestDev {
+        fn launcher(&self) -> &dyn Launch;
+        /// A copy of `bytes` in the device's memory (8-byte aligned).
+        fn put_bytes(&mut self, bytes: &[u8]) -> u64;
+        /// `n` bytes from `ptr`, after every launch so far has finished.
+        fn get_bytes(&mut self, ptr: u64, n: usize) -> Vec<u8>;
+        /// Whether this is the (slow) host emulation: tests then try fewer sizes.
+        fn emulated(&self) -> bool;
+    }
+
+    struct EmuDev {
+        emu: &'static Emu,
+        bufs: Vec<Vec<u64>>,
+    }
+
+    impl TestDev for EmuDev {
+        fn launcher(&self) -> &dyn Launch {
+            self.emu
+        }
+
+        fn put_bytes(&mut self, bytes: &[u8]) -> u64 {
+            let mut buf = vec![0u64; bytes.len().div_ceil(8) + 1];
+            bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+            let ptr = buf.as_ptr() as u64;
+            self.bufs.push(buf);
+            ptr
+        }
+
+        fn get_bytes(&mut self, ptr: u64, n: usize) -> Vec<u8> {
+            let owner = self
+                .bufs
+                .iter()
+                .find(|b| {
+                    let start = b.as_ptr() as u64;
+                    ptr >= start && ptr + n as u64 <= start + 8 * b.len() as u64
+                })
+                .expect("a pointer into one of this device's buffers");
+            let off = (ptr - owner.as_ptr() as u64) as usize;
+            bytemuck::cast_slice::<u64, u8>(owner)[off..off + n].to_vec()
+        }
+
+        fn emulated(&self) -> bool {
+            true
+        }
+    }
+
+    struct GpuDev {
+        // Freed before the context goes.
+        bufs: Vec<DeviceBuf>,
+        gpu: Gpu,
+    }
+
+    impl TestDev for GpuDev {
+        fn launcher(&self) -> &dyn Launch {
+            &self.gpu
+        }
+
+        fn put_bytes(&mut self, bytes: &[u8]) -> u64 {
+            let b = DeviceBuf::upload(bytes, "test data").expect("upload");
+            let ptr = b.ptr;
+            self.bufs.push(b);
+            ptr
+        }
+
+        fn get_bytes(&mut self, ptr: u64, n: usize) -> Vec<u8> {
+            let mut out = vec![0u8; n];
+            self.gpu
+                .dtoh(&mut out, ptr, "test output")
+                .expect("download");
+            out
+        }
+
+        fn emulated(&self) -> bool {
+            false
+        }
+    }
+
+    pub(super) fn emu_dev() -> Option<Box<dyn TestDev>> {
+        match Emu::get() {
+            Ok(emu) => Some(Box::new(EmuDev {
+                emu,
+                bufs: Vec::new(),
+            })),
+            Err(e) => {
+                eprintln!("skipped: no host emulation of the kernels ({e})");
+                None
+            }
+        }
+    }
+
     /// The GPU, or `None` (a skip, said on stderr) unless TANDEM_REQUIRE_GPU is set.
-    fn gpu() -> Option<Gpu> {
+    pub(super) fn gpu() -> Option<Gpu> {
         match Gpu::open(0) {
             Ok(g) => Some(g),
             Err(e) if std::env::var_os("TANDEM_REQUIRE_GPU").is_some() => {
@@ -248,6 +405,36 @@ mod gpu {
                 None
             }
         }
+    }
+
+    pub(super) fn gpu_dev() -> Option<Box<dyn TestDev>> {
+        let gpu = gpu()?;
+        gpu.bind().expect("bind the context");
+        Some(Box::new(GpuDev {
+            bufs: Vec::new(),
+            gpu,
+        }))
+    }
+
+    fn put<T: bytemuck::Pod>(d: &mut dyn TestDev, x: &[T]) -> u64 {
+        d.put_bytes(bytemuck::cast_slice(x))
+    }
+
+    fn zeros(d: &mut dyn TestDev, bytes: usize) -> u64 {
+        d.put_bytes(&vec![0u8; bytes])
+    }
+
+    fn get_f32(d: &mut dyn TestDev, ptr: u64, n: usize) -> Vec<f32> {
+        d.get_bytes(ptr, 4 * n)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
+    /// The packed batch's index arrays on the device.
+    fn put_index(d: &mut dyn TestDev, p: &PackedBatch) -> IndexPtrs {
+        let (bytes, offs) = index_bytes(p);
+        IndexPtrs::at(d.put_bytes(&bytes), offs)
     }
 
     /// xorshift64*: reproducible inputs without a dependency.
@@ -311,18 +498,8 @@ mod gpu {
         out
     }
 
-    fn upload_f32(x: &[f32]) -> DeviceBuf {
-        DeviceBuf::upload(x, "test input").expect("upload")
-    }
-
-    fn download_f32(g: &Gpu, b: &DeviceBuf, n: usize) -> Vec<f32> {
-        let mut out = vec![0f32; n];
-        g.dtoh(&mut out, b.ptr, "test output").expect("download");
-        out
-    }
-
     /// Asserts |a - b| ≤ rel · max|b| + abs everywhere, naming the worst element.
-    fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    pub(super) fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let (mut worst, mut at) = (0f32, 0);
@@ -335,33 +512,30 @@ mod gpu {
         }
         assert!(
             worst <= rel * scale + abs,
-            "{what}: element {at} is {} on the GPU, {} on the CPU (scale {scale})",
+            "{what}: element {at} is {} on the device, {} on the CPU (scale {scale})",
             got[at],
             want[at]
         );
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn quantize_q8_matches_the_cpu_bit_for_bit() {
-        let Some(g) = gpu() else { return };
+    fn quantize_q8_matches_the_cpu_bit_for_bit(d: &mut dyn TestDev) {
         let mut rng = Rng(1);
         let n_blocks = 300;
         let mut x = rng.vec(n_blocks * 32, -3.0, 3.0);
         x[..32].fill(0.0); // an all-zero block: scale 0
-        x[40] = 0.5; // exact ties on the rounding grid
-        let xb = upload_f32(&x);
-        let q8 = DeviceBuf::alloc(n_blocks * Q8_ACT_BYTES, "q8").unwrap();
-        g.launch(
-            Kernel::QuantizeQ8,
-            linear_grid(n_blocks * 32, ROW_THREADS),
-            ROW_THREADS,
-            0,
-            &[Arg::P(xb.ptr), Arg::P(q8.ptr), Arg::I(n_blocks as i32)],
-        )
-        .unwrap();
-        let mut raw = vec![0u8; n_blocks * Q8_ACT_BYTES];
-        g.dtoh(&mut raw, q8.ptr, "q8").unwrap();
+        x[32..64].copy_from_slice(&[0.5; 32]); // every value on a rounding tie
+        let xb = put(d, &x);
+        let q8 = zeros(d, n_blocks * Q8_ACT_BYTES);
+        d.launcher()
+            .launch(
+                Kernel::QuantizeQ8,
+                linear_grid(n_blocks * 32, ROW_THREADS),
+                ROW_THREADS,
+                0,
+                &[Arg::P(xb), Arg::P(q8), Arg::I(n_blocks as i32)],
+            )
+            .unwrap();
+        let raw = d.get_bytes(q8, n_blocks * Q8_ACT_BYTES);
         let want = cpu::quantize_acts(&x, 1, x.len());
         for (i, (b, w)) in raw.chunks_exact(Q8_ACT_BYTES).zip(&want).enumerate() {
             let f = |o: usize| f32::from_le_bytes(b[o..o + 4].try_into().unwrap());
@@ -372,62 +546,67 @@ mod gpu {
         }
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn matrix_products_match_the_cpu_for_every_type() {
-        let Some(g) = gpu() else { return };
+    fn matrix_products_match_the_cpu_for_every_type(d: &mut dyn TestDev) {
         let mut rng = Rng(2);
         let (rows, cols) = (37, 320);
         for ty in ALL_TYPES {
             let data = random_matrix(&mut rng, ty, rows, cols);
             let host = QMatrix::new(ty, rows, cols, &data).unwrap();
-            let w = DevMatrix::upload(&host, "test weight").unwrap();
-            for n in [1, 3, 8, 9, 20, 64] {
+            let w = WeightRef {
+                ptr: d.put_bytes(&data),
+                ty,
+                rows,
+                cols,
+            };
+            let sizes: &[usize] = if d.emulated() {
+                &[1, 9, 20]
+            } else {
+                &[1, 3, 8, 9, 20, 64]
+            };
+            for &n in sizes {
                 let x = rng.vec(n * cols, -2.0, 2.0);
                 let mut want = vec![0f32; n * rows];
                 cpu::matmul(&host, &x, n, &mut want);
-                let xb = upload_f32(&x);
-                let q8 = DeviceBuf::alloc(n * cols / 32 * Q8_ACT_BYTES, "q8").unwrap();
-                let out = DeviceBuf::alloc(n * rows * 4, "out").unwrap();
-                matmul(&g, q8.ptr, &w, xb.ptr, n, out.ptr, &mut None).unwrap();
-                let got = download_f32(&g, &out, n * rows);
+                let xb = put(d, &x);
+                let q8 = zeros(d, n * cols / 32 * Q8_ACT_BYTES);
+                let out = zeros(d, n * rows * 4);
+                matmul(d.launcher(), q8, w, xb, n, out, &mut None).unwrap();
+                let got = get_f32(d, out, n * rows);
                 assert_close(&format!("{ty:?} n={n}"), &got, &want, 1e-4, 1e-5);
             }
         }
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn embedding_rows_dequantize_like_the_cpu() {
-        let Some(g) = gpu() else { return };
+    fn embedding_rows_dequantize_like_the_cpu(d: &mut dyn TestDev) {
         let mut rng = Rng(3);
-        let (vocab, d) = (50, 96);
+        let (vocab, dim) = (50, 96);
         for ty in ALL_TYPES {
-            let data = random_matrix(&mut rng, ty, vocab, d);
-            let table = DeviceBuf::upload(&data, "table").unwrap();
+            let data = random_matrix(&mut rng, ty, vocab, dim);
+            let table = d.put_bytes(&data);
             let tokens: Vec<u32> = vec![0, 7, 49, 1000, 3]; // 1000 clamps to 49
-            let tb = DeviceBuf::upload(&tokens, "tokens").unwrap();
-            let out = DeviceBuf::alloc(tokens.len() * d * 4, "out").unwrap();
-            let rb = ty.row_bytes(d).unwrap();
-            g.launch(
-                Kernel::Embed,
-                (tokens.len() as u32, 1, 1),
-                ROW_THREADS,
-                0,
-                &[
-                    Arg::P(table.ptr),
-                    Arg::I(ty.id() as i32),
-                    Arg::L(rb as i64),
-                    Arg::P(tb.ptr),
-                    Arg::P(out.ptr),
-                    Arg::I(d as i32),
-                    Arg::I(vocab as i32),
-                ],
-            )
-            .unwrap();
-            let got = download_f32(&g, &out, tokens.len() * d);
-            let mut want = vec![0f32; tokens.len() * d];
-            for (row, &t) in want.chunks_mut(d).zip(&tokens) {
+            let tb = put(d, &tokens);
+            let out = zeros(d, tokens.len() * dim * 4);
+            let rb = ty.row_bytes(dim).unwrap();
+            d.launcher()
+                .launch(
+                    Kernel::Embed,
+                    (tokens.len() as u32, 1, 1),
+                    ROW_THREADS,
+                    0,
+                    &[
+                        Arg::P(table),
+                        Arg::I(ty.id() as i32),
+                        Arg::L(rb as i64),
+                        Arg::P(tb),
+                        Arg::P(out),
+                        Arg::I(dim as i32),
+                        Arg::I(vocab as i32),
+                    ],
+                )
+                .unwrap();
+            let got = get_f32(d, out, tokens.len() * dim);
+            let mut want = vec![0f32; tokens.len() * dim];
+            for (row, &t) in want.chunks_mut(dim).zip(&tokens) {
                 let t = (t as usize).min(vocab - 1);
                 cpu::dequantize_row(ty, &data[t * rb..(t + 1) * rb], row);
             }
@@ -435,127 +614,102 @@ mod gpu {
         }
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn row_and_elementwise_kernels_match_the_cpu() {
-        let Some(g) = gpu() else { return };
+    fn row_and_elementwise_kernels_match_the_cpu(d: &mut dyn TestDev) {
         let mut rng = Rng(4);
-        let (rows, d) = (5, 576);
-        let x = rng.vec(rows * d, -4.0, 4.0);
-        let w = rng.vec(d, 0.5, 1.5);
-        let (xb, wb) = (upload_f32(&x), upload_f32(&w));
-        let out = DeviceBuf::alloc(rows * d * 4, "out").unwrap();
-        g.launch(
-            Kernel::RmsNorm,
-            (rows as u32, 1, 1),
-            ROW_THREADS,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::P(wb.ptr),
-                Arg::P(out.ptr),
-                Arg::I(d as i32),
-                Arg::F(1e-5),
-            ],
-        )
-        .unwrap();
-        let mut want = vec![0f32; rows * d];
-        for (o, xr) in want.chunks_mut(d).zip(x.chunks(d)) {
+        let (rows, dim) = (5, 576);
+        let total = rows * dim;
+        let x = rng.vec(total, -4.0, 4.0);
+        let w = rng.vec(dim, 0.5, 1.5);
+        let (xb, wb) = (put(d, &x), put(d, &w));
+        let out = zeros(d, total * 4);
+        d.launcher()
+            .launch(
+                Kernel::RmsNorm,
+                (rows as u32, 1, 1),
+                ROW_THREADS,
+                0,
+                &[
+                    Arg::P(xb),
+                    Arg::P(wb),
+                    Arg::P(out),
+                    Arg::I(dim as i32),
+                    Arg::F(1e-5),
+                ],
+            )
+            .unwrap();
+        let mut want = vec![0f32; total];
+        for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
             cpu::rms_norm(xr, &w, 1e-5, o);
         }
-        assert_close(
-            "rms_norm",
-            &download_f32(&g, &out, rows * d),
-            &want,
-            1e-6,
-            0.0,
-        );
+        assert_close("rms_norm", &get_f32(d, out, total), &want, 1e-6, 0.0);
 
-        let gate = rng.vec(rows * d, -8.0, 8.0);
-        let up = rng.vec(rows * d, -2.0, 2.0);
-        let (gb, ub) = (upload_f32(&gate), upload_f32(&up));
-        let total = rows * d;
-        g.launch(
-            Kernel::SiluMul,
-            linear_grid(total, ROW_THREADS),
-            ROW_THREADS,
-            0,
-            &[
-                Arg::P(gb.ptr),
-                Arg::P(ub.ptr),
-                Arg::P(out.ptr),
-                Arg::L(total as i64),
-            ],
-        )
-        .unwrap();
+        let gate = rng.vec(total, -8.0, 8.0);
+        let up = rng.vec(total, -2.0, 2.0);
+        let (gb, ub) = (put(d, &gate), put(d, &up));
+        d.launcher()
+            .launch(
+                Kernel::SiluMul,
+                linear_grid(total, ROW_THREADS),
+                ROW_THREADS,
+                0,
+                &[Arg::P(gb), Arg::P(ub), Arg::P(out), Arg::L(total as i64)],
+            )
+            .unwrap();
         let mut want = vec![0f32; total];
         cpu::silu_mul(&gate, &up, &mut want);
-        assert_close(
-            "silu_mul",
-            &download_f32(&g, &out, total),
-            &want,
-            1e-6,
-            1e-7,
-        );
+        assert_close("silu_mul", &get_f32(d, out, total), &want, 1e-6, 1e-7);
 
-        let bias = rng.vec(d, -1.0, 1.0);
-        let bb = upload_f32(&bias);
-        let xb2 = upload_f32(&x);
-        g.launch(
+        let bias = rng.vec(dim, -1.0, 1.0);
+        let bb = put(d, &bias);
+        let xb2 = put(d, &x);
+        let l = d.launcher();
+        l.launch(
             Kernel::AddBias,
             linear_grid(total, ROW_THREADS),
             ROW_THREADS,
             0,
             &[
-                Arg::P(xb2.ptr),
-                Arg::P(bb.ptr),
+                Arg::P(xb2),
+                Arg::P(bb),
                 Arg::L(total as i64),
-                Arg::I(d as i32),
+                Arg::I(dim as i32),
             ],
         )
         .unwrap();
-        g.launch(
+        l.launch(
             Kernel::AddInplace,
             linear_grid(total, ROW_THREADS),
             ROW_THREADS,
             0,
-            &[Arg::P(xb2.ptr), Arg::P(gb.ptr), Arg::L(total as i64)],
+            &[Arg::P(xb2), Arg::P(gb), Arg::L(total as i64)],
         )
         .unwrap();
         let want: Vec<f32> = x
             .iter()
             .enumerate()
-            .map(|(i, v)| v + bias[i % d] + gate[i])
+            .map(|(i, v)| v + bias[i % dim] + gate[i])
             .collect();
-        assert_eq!(
-            download_f32(&g, &xb2, total),
-            want,
-            "add_bias then add_inplace"
-        );
+        assert_eq!(get_f32(d, xb2, total), want, "add_bias then add_inplace");
 
         let rows_wanted = [4i32, 0, 2];
-        let rw = DeviceBuf::upload(&rows_wanted, "rows").unwrap();
-        g.launch(
-            Kernel::GatherRows,
-            (3, 1, 1),
-            ROW_THREADS,
-            0,
-            &[
-                Arg::P(xb.ptr),
-                Arg::P(rw.ptr),
-                Arg::P(out.ptr),
-                Arg::I(d as i32),
-            ],
-        )
-        .unwrap();
+        let rw = put(d, &rows_wanted);
+        d.launcher()
+            .launch(
+                Kernel::GatherRows,
+                (3, 1, 1),
+                ROW_THREADS,
+                0,
+                &[Arg::P(xb), Arg::P(rw), Arg::P(out), Arg::I(dim as i32)],
+            )
+            .unwrap();
         let want: Vec<f32> = rows_wanted
             .iter()
-            .flat_map(|&r| x[r as usize * d..(r as usize + 1) * d].to_vec())
+            .flat_map(|&r| x[r as usize * dim..(r as usize + 1) * dim].to_vec())
             .collect();
-        assert_eq!(download_f32(&g, &out, 3 * d), want, "gather_rows");
+        assert_eq!(get_f32(d, out, 3 * dim), want, "gather_rows");
     }
 
-    /// A small config for the attention and RoPE tests.
+    /// A small config for the attention and RoPE tests (SmolLM2-135M's heads).
     fn attn_config(arch: Arch) -> ModelConfig {
         ModelConfig {
             arch,
@@ -580,38 +734,29 @@ mod gpu {
             .collect()
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn rope_matches_the_cpu_in_both_styles() {
-        let Some(g) = gpu() else { return };
+    fn rope_matches_the_cpu_in_both_styles(d: &mut dyn TestDev) {
         let mut rng = Rng(5);
         for arch in [Arch::Llama, Arch::Qwen2] {
             let c = attn_config(arch);
             let freqs = inv_freq(&c);
-            let n = 6;
             let positions: Vec<i32> = vec![0, 1, 17, 255, 1000, 2047];
+            let n = positions.len();
             let width = c.n_heads * c.head_dim;
             let x = rng.vec(n * width, -2.0, 2.0);
-            let xb = upload_f32(&x);
-            let fb = DeviceBuf::upload(&freqs, "freqs").unwrap();
+            let xb = put(d, &x);
+            let fb = put(d, &freqs);
             let p = PackedBatch {
                 pos: positions.clone(),
                 ..PackedBatch::default()
             };
-            let mut slot = None;
-            let ix = upload_index(&g, &mut slot, &p).unwrap();
-            rope(&g, &c, fb.ptr, xb.ptr, c.n_heads, ix, n).unwrap();
+            let ix = put_index(d, &p);
+            rope(d.launcher(), &c, fb, xb, c.n_heads, &ix, n).unwrap();
             let mut want = x.clone();
             for (row, &pos) in want.chunks_mut(width).zip(&positions) {
                 rope_in_place(row, pos as usize, c.head_dim, &freqs, arch);
             }
-            assert_close(
-                &format!("rope {arch:?}"),
-                &download_f32(&g, &xb, n * width),
-                &want,
-                1e-6,
-                1e-6,
-            );
+            let got = get_f32(d, xb, n * width);
+            assert_close(&format!("rope {arch:?}"), &got, &want, 1e-6, 1e-6);
         }
     }
 
@@ -624,101 +769,145 @@ mod gpu {
             .collect()
     }
 
-    #[test]
-    #[ignore = "needs a GPU"]
-    fn kv_write_and_both_attention_variants_match_the_cpu() {
-        let Some(g) = gpu() else { return };
+    fn kv_write_and_both_attention_variants_match_the_cpu(d: &mut dyn TestDev) {
         let mut rng = Rng(6);
-        let c = attn_config(Arch::Llama);
-        let layout = c.kv_layout(16);
-        let num_blocks = 16;
-        let (kv_dim, q_dim) = (c.n_kv_heads * c.head_dim, c.n_heads * c.head_dim);
-        // Earlier K/V already in the pool (a cached prefix), random f16.
-        let mut pool = KvPool::new(layout, num_blocks);
-        for b in 0..num_blocks as u32 {
-            for l in 0..layout.n_layers {
-                for v in pool.piece_bytes_mut(b, l).chunks_exact_mut(2) {
-                    v.copy_from_slice(&f16::from_f32(rng.f(-1.0, 1.0)).to_le_bytes());
+        for (group, arch) in [(3, Arch::Llama), (1, Arch::Qwen2), (8, Arch::Llama)] {
+            let mut c = attn_config(arch);
+            c.n_kv_heads = 2;
+            c.n_heads = 2 * group;
+            let layout = c.kv_layout(16);
+            let num_blocks = 16;
+            let (kv_dim, q_dim) = (c.n_kv_heads * c.head_dim, c.n_heads * c.head_dim);
+            // Earlier K/V already in the pool (a cached prefix), random f16.
+            let mut pool = KvPool::new(layout, num_blocks);
+            for b in 0..num_blocks as u32 {
+                for l in 0..layout.n_layers {
+                    for v in pool.piece_bytes_mut(b, l).chunks_exact_mut(2) {
+                        v.copy_from_slice(&f16::from_f32(rng.f(-1.0, 1.0)).to_le_bytes());
+                    }
                 }
             }
-        }
-        // A prefill chunk after a cached prefix, a decode step deep in a
-        // sequence, and a fresh short prompt.
-        let long: Vec<u32> = (0..21).collect();
-        let short: Vec<u32> = (0..3).collect();
-        let batch = [
-            BatchSeq {
-                tokens: &long,
-                start_pos: 5,
-                blocks: &[3, 1],
-                want_logits: true,
-            },
-            BatchSeq {
-                tokens: &[9],
-                start_pos: 40,
-                blocks: &[0, 7, 2],
-                want_logits: true,
-            },
-            BatchSeq {
-                tokens: &short,
-                start_pos: 0,
-                blocks: &[12],
-                want_logits: false,
-            },
-        ];
-        let p = pack(&batch, layout, num_blocks).unwrap();
-        let n = p.n_tokens();
-        let q = rng.vec(n * q_dim, -2.0, 2.0);
-        let k = rng.vec(n * kv_dim, -2.0, 2.0);
-        let v = rng.vec(n * kv_dim, -2.0, 2.0);
-        let layer = 1;
+            // A prefill chunk after a cached prefix, a decode step deep in a
+            // sequence, a fresh short prompt and a first decode step.
+            let long: Vec<u32> = (0..21).collect();
+            let short: Vec<u32> = (0..3).collect();
+            let batch = [
+                BatchSeq {
+                    tokens: &long,
+                    start_pos: 5,
+                    blocks: &[3, 1],
+                    want_logits: true,
+                },
+                BatchSeq {
+                    tokens: &[9],
+                    start_pos: 40,
+                    blocks: &[0, 7, 2],
+                    want_logits: true,
+                },
+                BatchSeq {
+                    tokens: &short,
+                    start_pos: 0,
+                    blocks: &[12],
+                    want_logits: false,
+                },
+                BatchSeq {
+                    tokens: &[4],
+                    start_pos: 0,
+                    blocks: &[13],
+                    want_logits: true,
+                },
+            ];
+            let p = pack(&batch, layout, num_blocks).unwrap();
+            let n = p.n_tokens();
+            let q = rng.vec(n * q_dim, -2.0, 2.0);
+            let k = rng.vec(n * kv_dim, -2.0, 2.0);
+            let v = rng.vec(n * kv_dim, -2.0, 2.0);
+            let layer = 1;
 
-        let all = pool_bytes(&pool, num_blocks);
-        let pool_dev = DeviceBuf::upload(&all, "pool").unwrap();
-        let (qb, kb, vb) = (upload_f32(&q), upload_f32(&k), upload_f32(&v));
-        let out = DeviceBuf::alloc(n * q_dim * 4, "out").unwrap();
-        let mut slot = None;
-        let ix = upload_index(&g, &mut slot, &p).unwrap();
-        kv_write(&g, &layout, kb.ptr, vb.ptr, pool_dev.ptr, ix, n, layer).unwrap();
-        attention(
-            &g,
-            &c,
-            &layout,
-            qb.ptr,
-            pool_dev.ptr,
-            out.ptr,
-            ix,
-            &p,
-            layer,
-        )
-        .unwrap();
-        let got = download_f32(&g, &out, n * q_dim);
-        let mut pool_after = vec![0u8; all.len()];
-        g.dtoh(&mut pool_after, pool_dev.ptr, "pool").unwrap();
+            let all = pool_bytes(&pool, num_blocks);
+            let pool_dev = d.put_bytes(&all);
+            let (qb, kb, vb) = (put(d, &q), put(d, &k), put(d, &v));
+            let out = zeros(d, n * q_dim * 4);
+            let ix = put_index(d, &p);
+            kv_write(d.launcher(), &layout, kb, vb, pool_dev, &ix, n, layer).unwrap();
+            attention(d.launcher(), &c, &layout, qb, pool_dev, out, &ix, &p, layer).unwrap();
+            let got = get_f32(d, out, n * q_dim);
+            let pool_after = d.get_bytes(pool_dev, all.len());
 
-        let mut token_pos = Vec::new();
-        for (i, s) in batch.iter().enumerate() {
-            token_pos.extend((0..s.tokens.len()).map(|j| (i, s.start_pos + j)));
-        }
-        for (t, &(seq, pos)) in token_pos.iter().enumerate() {
-            let block = batch[seq].blocks[pos / layout.block_size];
-            pool.write_slot(
-                block,
-                layer,
-                pos % layout.block_size,
-                &k[t * kv_dim..(t + 1) * kv_dim],
-                &v[t * kv_dim..(t + 1) * kv_dim],
+            let mut token_pos = Vec::new();
+            for (i, s) in batch.iter().enumerate() {
+                token_pos.extend((0..s.tokens.len()).map(|j| (i, s.start_pos + j)));
+            }
+            for (t, &(seq, pos)) in token_pos.iter().enumerate() {
+                let block = batch[seq].blocks[pos / layout.block_size];
+                pool.write_slot(
+                    block,
+                    layer,
+                    pos % layout.block_size,
+                    &k[t * kv_dim..(t + 1) * kv_dim],
+                    &v[t * kv_dim..(t + 1) * kv_dim],
+                );
+            }
+            assert!(
+                pool_after == pool_bytes(&pool, num_blocks),
+                "group {group}: the pool after kv_write differs from the CPU's"
+            );
+            let mut want = vec![0f32; n * q_dim];
+            paged_attention(&c, &pool, layer, &batch, &token_pos, &q, &mut want);
+            assert_close(
+                &format!("attention, group {group}"),
+                &got,
+                &want,
+                1e-5,
+                1e-6,
             );
         }
-        let want_pool = pool_bytes(&pool, num_blocks);
-        assert!(
-            pool_after == want_pool,
-            "the pool after kv_write differs from the CPU's"
-        );
-        let mut want = vec![0f32; n * q_dim];
-        paged_attention(&c, &pool, layer, &batch, &token_pos, &q, &mut want);
-        assert_close("attention", &got, &want, 1e-5, 1e-6);
     }
+
+    macro_rules! on_both {
+        ($($check:ident),* $(,)?) => {
+            mod emulated {
+                $(
+                    #[test]
+                    fn $check() {
+                        if let Some(mut d) = super::emu_dev() {
+                            super::$check(d.as_mut());
+                        }
+                    }
+                )*
+            }
+            mod on_gpu {
+                $(
+                    #[test]
+                    #[ignore = "needs a GPU"]
+                    fn $check() {
+                        if let Some(mut d) = super::gpu_dev() {
+                            super::$check(d.as_mut());
+                        }
+                    }
+                )*
+            }
+        };
+    }
+
+    on_both!(
+        quantize_q8_matches_the_cpu_bit_for_bit,
+        matrix_products_match_the_cpu_for_every_type,
+        embedding_rows_dequantize_like_the_cpu,
+        row_and_elementwise_kernels_match_the_cpu,
+        rope_matches_the_cpu_in_both_styles,
+        kv_write_and_both_attention_variants_match_the_cpu,
+    );
+}
+
+/// The whole model and the whole engine on the GPU against the CPU backend
+/// (ignored by default; `scripts/gpu-check model` runs them).
+mod model {
+    use half::f16;
+
+    use super::super::*;
+    use super::kernels::{assert_close, gpu};
+    use crate::backend::CpuBackend;
 
     /// The chat prompts of the llama.cpp reference, as token ids.
     fn reference_prompts() -> Vec<Vec<u32>> {

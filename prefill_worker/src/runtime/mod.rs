@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tandem_control_plane::{AnyStore, Registration, Store};
+use tandem_engine::device::Device;
 use tandem_engine::engine::{Engine, EngineConfig, EngineError};
 use tandem_kv_transfer::TransferMetrics;
 use tandem_protocol::grpc::worker::{
@@ -90,6 +91,10 @@ pub struct CommonArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The device the engine runs on: cpu, cuda or cuda:N (cuda needs a build
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: Device,
     /// KV cache capacity in blocks (default: the engine's).
     #[arg(long)]
     pub kv_blocks: Option<usize>,
@@ -120,6 +125,7 @@ impl CommonArgs {
             tls_name: None,
             tls_dir: tls_dir.into(),
             threads: None,
+            device: Device::Cpu,
             kv_blocks: None,
             max_batch_tokens: None,
             lease_ttl: 10,
@@ -136,6 +142,7 @@ impl CommonArgs {
     fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let mut c = EngineConfig {
             threads: self.threads,
+            device: self.device,
             ..EngineConfig::default()
         };
         if let Some(blocks) = self.kv_blocks {

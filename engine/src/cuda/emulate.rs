@@ -1,0 +1,258 @@
+//! A host emulation of kernels.cu, for tests on machines without a GPU.
+//!
+//! kernels.cu is compiled by g++ as C++20 with CUDA's builtins defined on the
+//! host: each thread block runs as `blockDim.x` OS threads, `__syncthreads` is
+//! a barrier, a warp shuffle an exchange through a per-warp barrier, and the
+//! three inline-PTX helpers (f16 conversions, dp4a) are replaced by host
+//! equivalents. Device pointers are host pointers. Blocks run one after
+//! another, so `__shared__` variables are function statics. This checks the
+//! kernels' logic (indexing, layouts, the online softmax, the quantization)
+//! against the CPU reference; it does not check NVRTC, timing or memory
+//! ordering on a real GPU, which is what `scripts/gpu-check` is for.
+
+use std::ffi::{CString, c_char, c_void};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use super::{Arg, CudaError, KERNEL_NAMES, KERNELS_CU, Kernel, Launch, check_grid};
+
+/// CUDA's builtins on the host.
+const PRELUDE: &str = r#"
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+struct EmuDim { unsigned x = 0, y = 0, z = 0; };
+thread_local EmuDim threadIdx, blockIdx;
+static EmuDim blockDim;
+static std::barrier<>* emu_block_barrier;
+struct EmuWarp {
+    std::barrier<> bar{32};
+    uint64_t slot[32];
+};
+static std::vector<EmuWarp*> emu_warps;
+static unsigned char* emu_dyn_smem;
+inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+template <class T> T emu_shfl(T v, int o) {
+    EmuWarp& w = *emu_warps[threadIdx.x / 32];
+    unsigned lane = threadIdx.x % 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[lane] = bits;
+    w.bar.arrive_and_wait();
+    uint64_t r = w.slot[lane ^ (unsigned)o];
+    w.bar.arrive_and_wait();
+    T out;
+    std::memcpy(&out, &r, sizeof(T));
+    return out;
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) { return emu_shfl(v, o); }
+inline int __shfl_xor_sync(unsigned, int v, int o) { return emu_shfl(v, o); }
+inline double __shfl_xor_sync(unsigned, double v, int o) { return emu_shfl(v, o); }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline int __float2int_rn(float f) { return (int)std::nearbyint(f); }
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fdiv_rn(float a, float b) { volatile float r = a / b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+inline float emu_h2f(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+inline unsigned short emu_f2h(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }
+inline int emu_dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; ++i) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
+    return c;
+}
+"#;
+
+/// Runs kernel launches on the host; built once per test process.
+pub(crate) struct Emu {
+    // Keeps the library mapped while `run` is used.
+    _lib: libloading::Library,
+    run: unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *mut *mut c_void) -> i32,
+    /// One launch at a time: the emulation keeps its state in globals.
+    lock: Mutex<()>,
+}
+
+/// The C++ translation unit: the prelude, kernels.cu with its inline PTX
+/// replaced, and a dispatcher from kernel names to typed calls.
+pub(crate) fn translation_unit() -> Result<String, String> {
+    let mut src = KERNELS_CU.to_string();
+    for (from, to) in [
+        (
+            r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#,
+            "f = emu_h2f(h);",
+        ),
+        (
+            r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"#,
+            "h = emu_f2h(f);",
+        ),
+        (
+            r#"asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));"#,
+            "r = emu_dp4a(a, b, c);",
+        ),
+        (
+            "extern __shared__ u16 chunk[];",
+            "u16* chunk = (u16*)emu_dyn_smem;",
+        ),
+    ] {
+        if src.matches(from).count() != 1 {
+            return Err(format!("kernels.cu no longer holds exactly one `{from}`"));
+        }
+        src = src.replace(from, to);
+    }
+    if src.contains("asm(") {
+        return Err("kernels.cu has inline PTX the emulation does not replace".into());
+    }
+    Ok(format!("{PRELUDE}\n{src}\n{DISPATCH}"))
+}
+
+/// Typed calls for every kernel: `P(i, T)` reads argument i as a T.
+const DISPATCH: &str = r#"
+static void emu_grid(unsigned gx, unsigned gy, unsigned bx, unsigned smem, const std::function<void()>& body) {
+    std::vector<unsigned char> dyn(smem + 16);
+    emu_dyn_smem = dyn.data();
+    blockDim = EmuDim{bx, 1, 1};
+    for (unsigned y = 0; y < gy; ++y) {
+        for (unsigned x = 0; x < gx; ++x) {
+            std::barrier<> bar(bx);
+            emu_block_barrier = &bar;
+            std::vector<EmuWarp*> warps;
+            for (unsigned w = 0; w < bx / 32; ++w) warps.push_back(new EmuWarp);
+            emu_warps = warps;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < bx; ++t) {
+                threads.emplace_back([&, t, x, y] {
+                    threadIdx = EmuDim{t, 0, 0};
+                    blockIdx = EmuDim{x, y, 0};
+                    body();
+                });
+            }
+            for (auto& th : threads) th.join();
+            for (auto* w : warps) delete w;
+        }
+    }
+}
+
+#define P(i, T) (*(T*)params[i])
+#define KERNEL(name, call) if (std::strcmp(kernel, #name) == 0) { emu_grid(gx, gy, bx, smem, [&] { call; }); return 0; }
+
+extern "C" int emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned bx, unsigned smem, void** params) {
+    KERNEL(quantize_q8, quantize_q8(P(0, const float*), P(1, Q8Act*), P(2, int)))
+    KERNEL(mm_q4_0, mm_q4_0(P(0, const u8*), P(1, const Q8Act*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(mm_q4_1, mm_q4_1(P(0, const u8*), P(1, const Q8Act*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(mm_q8_0, mm_q8_0(P(0, const u8*), P(1, const Q8Act*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(mm_f32, mm_f32(P(0, const u8*), P(1, const float*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(mm_f16, mm_f16(P(0, const u8*), P(1, const float*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(mm_bf16, mm_bf16(P(0, const u8*), P(1, const float*), P(2, float*), P(3, int), P(4, int), P(5, int)))
+    KERNEL(embed, embed(P(0, const u8*), P(1, int), P(2, i64), P(3, const u32*), P(4, float*), P(5, int), P(6, int)))
+    KERNEL(rms_norm, rms_norm(P(0, const float*), P(1, const float*), P(2, float*), P(3, int), P(4, float)))
+    KERNEL(add_bias, add_bias(P(0, float*), P(1, const float*), P(2, i64), P(3, int)))
+    KERNEL(add_inplace, add_inplace(P(0, float*), P(1, const float*), P(2, i64)))
+    KERNEL(silu_mul, silu_mul(P(0, const float*), P(1, const float*), P(2, float*), P(3, i64)))
+    KERNEL(rope, rope(P(0, float*), P(1, const int*), P(2, const double*), P(3, int), P(4, int), P(5, int), P(6, int)))
+    KERNEL(kv_write, kv_write(P(0, const float*), P(1, const float*), P(2, u16*), P(3, const i64*), P(4, i64), P(5, i64), P(6, int)))
+    KERNEL(gather_rows, gather_rows(P(0, const float*), P(1, const int*), P(2, float*), P(3, int)))
+    KERNEL(attn_decode, attn_decode(P(0, const float*), P(1, const u16*), P(2, float*), P(3, const int*), P(4, const int*), P(5, const int*), P(6, const int*), P(7, i64), P(8, i64), P(9, i64), P(10, int), P(11, int), P(12, int), P(13, int), P(14, float)))
+    KERNEL(attn_prefill, attn_prefill(P(0, const float*), P(1, const u16*), P(2, float*), P(3, const int*), P(4, const int*), P(5, const int*), P(6, const int*), P(7, i64), P(8, i64), P(9, i64), P(10, int), P(11, int), P(12, int), P(13, int), P(14, float)))
+    return -1;
+}
+"#;
+
+impl Emu {
+    /// The emulation, compiled on first use; `None` (with the reason) where
+    /// g++ is missing or fails.
+    pub(crate) fn get() -> Result<&'static Emu, String> {
+        static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
+        EMU.get_or_init(Emu::build).as_ref().map_err(Clone::clone)
+    }
+
+    fn build() -> Result<Emu, String> {
+        let dir = std::env::temp_dir().join(format!("tandem-cuda-emu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let cpp: PathBuf = dir.join("kernels_emu.cpp");
+        let lib = dir.join("libkernels_emu.so");
+        std::fs::write(&cpp, translation_unit()?).map_err(|e| e.to_string())?;
+        let out = Command::new("g++")
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+                "-w",
+                "-o",
+            ])
+            .arg(&lib)
+            .arg(&cpp)
+            .output()
+            .map_err(|e| format!("g++ did not run: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "g++ failed on the emulation:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        // SAFETY: the library was just built from the source above; loading it
+        // runs only static initializers.
+        let lib = unsafe { libloading::Library::new(&lib) }.map_err(|e| e.to_string())?;
+        // SAFETY: `emu_launch` has exactly this signature in DISPATCH.
+        let run = unsafe {
+            *lib.get::<unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, *mut *mut c_void) -> i32>(
+                b"emu_launch",
+            )
+            .map_err(|e| e.to_string())?
+        };
+        Ok(Emu {
+            _lib: lib,
+            run,
+            lock: Mutex::new(()),
+        })
+    }
+}
+
+impl Launch for Emu {
+    fn launch(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        check_grid(k, grid)?;
+        let name = CString::new(KERNEL_NAMES[k as usize]).expect("no NUL in kernel names");
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the arguments follow kernels.cu's parameter list and every
+        // pointer among them is a live host allocation of the caller's.
+        let rc = unsafe {
+            (self.run)(
+                name.as_ptr(),
+                grid.0,
+                grid.1,
+                block,
+                smem,
+                params.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(CudaError::Batch(format!(
+                "the emulation has no kernel {}",
+                KERNEL_NAMES[k as usize]
+            )));
+        }
+        Ok(())
+    }
+}
