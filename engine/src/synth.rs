@@ -376,7 +376,7 @@ fn name_hash(name: &str) -> u64 {
 
 /// Fills `out` with mean-0, std-`std` values: the sum of four 16-bit uniforms,
 /// centred and scaled (bounded at ±3.46 std, so no outliers).
-fn fill_random(seed: u64, tensor: u64, row: u64, std: f32, out: &mut [f32]) {
+pub(crate) fn fill_random(seed: u64, tensor: u64, row: u64, std: f32, out: &mut [f32]) {
     let mut state = seed ^ tensor;
     let _ = splitmix(&mut state);
     state ^= row.wrapping_mul(0xD1B5_4A32_D192_ED03);

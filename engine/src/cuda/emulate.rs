@@ -10,12 +10,13 @@
 //! against the CPU reference; it does not check NVRTC, timing or memory
 //! ordering on a real GPU, which is what `scripts/gpu-check` is for.
 
+use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_void};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use super::{Arg, CudaError, KERNEL_NAMES, KERNELS_CU, Kernel, Launch, check_grid};
+use super::{Arg, CudaError, Device, KERNEL_NAMES, KERNELS_CU, Kernel, Launch, check_grid};
 
 /// CUDA's builtins on the host.
 const PRELUDE: &str = r#"
@@ -254,5 +255,102 @@ impl Launch for Emu {
             )));
         }
         Ok(())
+    }
+}
+
+/// Host memory and the emulated kernels behind the [`Device`] interface, so
+/// the whole `CudaBackend` runs here (slowly): device pointers are the
+/// addresses of host allocations this keeps.
+pub(crate) struct EmuDevice {
+    emu: &'static Emu,
+    mem: Mutex<HashMap<u64, Box<[u64]>>>,
+}
+
+impl EmuDevice {
+    pub(crate) fn new() -> Result<Self, String> {
+        Ok(Self {
+            emu: Emu::get()?,
+            mem: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Checks that `[ptr, ptr + n)` lies inside one allocation.
+    fn check(&self, ptr: u64, n: usize) -> Result<(), CudaError> {
+        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let inside = mem
+            .iter()
+            .any(|(&start, b)| ptr >= start && ptr + n as u64 <= start + 8 * b.len() as u64);
+        if inside {
+            Ok(())
+        } else {
+            Err(CudaError::Batch(format!(
+                "emulated copy of {n} bytes at {ptr:#x} is outside every allocation"
+            )))
+        }
+    }
+}
+
+impl Launch for EmuDevice {
+    fn launch(
+        &self,
+        k: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        self.emu.launch(k, grid, block, smem, args)
+    }
+}
+
+impl Device for EmuDevice {
+    fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
+        let b = vec![0u64; bytes.div_ceil(8).max(32)].into_boxed_slice();
+        let ptr = b.as_ptr() as u64;
+        self.mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ptr, b);
+        Ok(ptr)
+    }
+
+    fn free(&self, ptr: u64) {
+        self.mem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ptr);
+    }
+
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        self.check(dst, src.len())?;
+        // SAFETY: checked to lie inside a live allocation of ours.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError> {
+        self.check(src, dst.len())?;
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn zero(&self, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        self.check(dst, bytes)?;
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), CudaError> {
+        Ok(())
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "host emulation".into()
     }
 }

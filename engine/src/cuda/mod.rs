@@ -35,6 +35,7 @@ mod tests;
 
 use std::cell::RefCell;
 use std::ffi::{CString, c_void};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use cudarc::driver::result as cu;
@@ -154,34 +155,67 @@ fn fatal(e: CudaError) -> ! {
     std::process::abort()
 }
 
-/// A device allocation, freed on drop (the owner keeps its context current).
+/// A device allocation, freed on drop through the device it came from (which
+/// it keeps alive).
 struct DeviceBuf {
     ptr: sys::CUdeviceptr,
     bytes: usize,
+    dev: Rc<dyn Device>,
 }
 
 impl DeviceBuf {
-    fn alloc(bytes: usize, what: &str) -> Result<Self, CudaError> {
-        // SAFETY: a plain allocation in the current context.
-        let ptr = unsafe { cu::malloc_sync(bytes.max(256)) }
-            .ctx(format!("allocating {bytes} bytes for {what}"))?;
-        Ok(Self { ptr, bytes })
+    fn alloc(dev: &Rc<dyn Device>, bytes: usize, what: &str) -> Result<Self, CudaError> {
+        let ptr = dev.alloc(bytes).map_err(|e| match e {
+            CudaError::Driver { source, .. } => CudaError::Driver {
+                what: format!("allocating {bytes} bytes for {what}"),
+                source,
+            },
+            e => e,
+        })?;
+        Ok(Self {
+            ptr,
+            bytes,
+            dev: dev.clone(),
+        })
     }
 
-    fn upload<T: Copy>(data: &[T], what: &str) -> Result<Self, CudaError> {
-        let b = Self::alloc(std::mem::size_of_val(data), what)?;
-        // SAFETY: the allocation holds `size_of_val(data)` bytes.
-        unsafe { cu::memcpy_htod_sync(b.ptr, data) }.ctx(format!("uploading {what}"))?;
+    fn upload<T: bytemuck::Pod>(
+        dev: &Rc<dyn Device>,
+        data: &[T],
+        what: &str,
+    ) -> Result<Self, CudaError> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let b = Self::alloc(dev, bytes.len(), what)?;
+        dev.htod(b.ptr, bytes)?;
         Ok(b)
     }
 }
 
 impl Drop for DeviceBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated by `alloc` and freed once. A failure here (a dead
-        // context) leaves nothing to recover.
-        let _ = unsafe { cu::free_sync(self.ptr) };
+        self.dev.free(self.ptr);
     }
+}
+
+/// Device memory, copies and launches: the GPU, or in tests the host
+/// emulation. Copies are in stream order with the launches.
+pub(crate) trait Device: Launch {
+    /// Allocates `bytes` bytes (256-byte aligned on the GPU).
+    fn alloc(&self, bytes: usize) -> Result<u64, CudaError>;
+    /// Frees an allocation of `alloc`.
+    fn free(&self, ptr: u64);
+    /// Copies `src` to `dst`; `src` may be reused when this returns.
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError>;
+    /// Copies `dst.len()` bytes from `src`, once everything queued is done.
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError>;
+    /// Sets `bytes` bytes at `dst` to zero.
+    fn zero(&self, dst: u64, bytes: usize) -> Result<(), CudaError>;
+    /// Waits for everything queued.
+    fn sync(&self) -> Result<(), CudaError>;
+    /// Makes the device current on the calling thread.
+    fn bind(&self) -> Result<(), CudaError>;
+    /// The device for logs (`NVIDIA H100 80GB HBM3, sm_90`).
+    fn describe(&self) -> String;
 }
 
 /// Page-locked host memory for staging KV pieces.
@@ -357,6 +391,9 @@ fn check_grid(k: Kernel, grid: (u32, u32, u32)) -> Result<(), CudaError> {
 
 /// An open GPU: context, stream and the compiled kernels.
 pub(crate) struct Gpu {
+    /// Page-locked bounce buffer for copies up to `STAGING_BYTES` (KV pieces,
+    /// batch indices), allocated on first use.
+    staging: RefCell<Option<PinnedBuf>>,
     stream: sys::CUstream,
     module: sys::CUmodule,
     funcs: Vec<sys::CUfunction>,
@@ -407,6 +444,7 @@ impl Gpu {
         let stream =
             cu::stream::create(cu::stream::StreamKind::NonBlocking).ctx("creating a stream")?;
         Ok(Self {
+            staging: RefCell::new(None),
             stream,
             module,
             funcs,
@@ -414,10 +452,6 @@ impl Gpu {
             arch,
             ctx,
         })
-    }
-
-    fn bind(&self) -> Result<(), CudaError> {
-        self.ctx.bind_to_thread().ctx("making the context current")
     }
 
     /// Queues kernel `k` on the stream.
@@ -454,30 +488,103 @@ impl Gpu {
         .ctx(format!("launching {}", KERNEL_NAMES[k as usize]))
     }
 
-    fn sync(&self) -> Result<(), CudaError> {
+    fn stream_sync(&self) -> Result<(), CudaError> {
         // SAFETY: the stream belongs to this context.
         unsafe { cu::stream::synchronize(self.stream) }.ctx("waiting for the stream")
     }
 
-    /// Copies `data` to `dst` in stream order (the host buffer is free on return).
-    fn htod<T>(&self, dst: sys::CUdeviceptr, data: &[T], what: &str) -> Result<(), CudaError> {
-        // SAFETY: the caller's `dst` holds `size_of_val(data)` bytes; copies
-        // from pageable memory are staged before the call returns.
-        unsafe { cu::memcpy_htod_async(dst, data, self.stream) }.ctx(format!("copying {what} in"))
+    /// Runs `f` on the first `bytes` of the pinned staging buffer.
+    fn with_staging<R>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce(&mut [u8]) -> Result<R, CudaError>,
+    ) -> Result<R, CudaError> {
+        let mut slot = self.staging.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(PinnedBuf::alloc(STAGING_BYTES)?);
+        }
+        let Some(buf) = slot.as_mut() else {
+            return Err(CudaError::Batch("no staging buffer".into()));
+        };
+        f(&mut buf.as_mut_slice()[..bytes])
+    }
+}
+
+/// Copies up to this size go through the pinned staging buffer.
+const STAGING_BYTES: usize = 4 << 20;
+
+impl Device for Gpu {
+    fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
+        // SAFETY: a plain allocation in the current context.
+        unsafe { cu::malloc_sync(bytes.max(256)) }.ctx(format!("allocating {bytes} bytes"))
     }
 
-    /// Copies `out.len()` elements from `src`, waiting for them.
-    fn dtoh<T>(&self, out: &mut [T], src: sys::CUdeviceptr, what: &str) -> Result<(), CudaError> {
-        // SAFETY: the caller's `src` holds `size_of_val(out)` bytes.
-        unsafe { cu::memcpy_dtoh_async(out, src, self.stream) }
-            .ctx(format!("copying {what} out"))?;
-        self.sync()
+    fn free(&self, ptr: u64) {
+        // A failure here (a dead context) leaves nothing to recover.
+        let _ = self.bind();
+        // SAFETY: allocated by `alloc` and freed once.
+        let _ = unsafe { cu::free_sync(ptr) };
+    }
+
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        if src.len() <= STAGING_BYTES {
+            self.with_staging(src.len(), |buf| {
+                buf.copy_from_slice(src);
+                // SAFETY: the caller's `dst` holds `src.len()` bytes; the
+                // staging buffer is page-locked and waited for below.
+                unsafe { cu::memcpy_htod_async(dst, &*buf, self.stream) }
+                    .ctx(format!("copying {} bytes in", src.len()))?;
+                self.stream_sync()
+            })
+        } else {
+            self.stream_sync()?;
+            // SAFETY: the caller's `dst` holds `src.len()` bytes.
+            unsafe { cu::memcpy_htod_sync(dst, src) }.ctx(format!("copying {} bytes in", src.len()))
+        }
+    }
+
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError> {
+        let n = dst.len();
+        if n <= STAGING_BYTES {
+            self.with_staging(n, |buf| {
+                // SAFETY: the caller's `src` holds `n` bytes; waited for below.
+                unsafe { cu::memcpy_dtoh_async(&mut *buf, src, self.stream) }
+                    .ctx(format!("copying {n} bytes out"))?;
+                self.stream_sync()?;
+                dst.copy_from_slice(buf);
+                Ok(())
+            })
+        } else {
+            // SAFETY: the caller's `src` holds `n` bytes; waited for below.
+            unsafe { cu::memcpy_dtoh_async(dst, src, self.stream) }
+                .ctx(format!("copying {n} bytes out"))?;
+            self.stream_sync()
+        }
+    }
+
+    fn zero(&self, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        self.stream_sync()?;
+        // SAFETY: the caller's `dst` holds `bytes` bytes.
+        unsafe { cu::memset_d8_sync(dst, 0, bytes) }.ctx(format!("clearing {bytes} bytes"))
+    }
+
+    fn sync(&self) -> Result<(), CudaError> {
+        self.stream_sync()
+    }
+
+    fn bind(&self) -> Result<(), CudaError> {
+        self.ctx.bind_to_thread().ctx("making the context current")
+    }
+
+    fn describe(&self) -> String {
+        format!("{}, sm_{}", self.name, self.arch)
     }
 }
 
 impl Drop for Gpu {
     fn drop(&mut self) {
         if self.bind().is_ok() {
+            self.staging.borrow_mut().take();
             // SAFETY: created in this context and destroyed once.
             unsafe {
                 let _ = cu::stream::destroy(self.stream);
@@ -575,9 +682,9 @@ impl DevMatrix {
         }
     }
 
-    fn upload(m: &QMatrix<'_>, what: &str) -> Result<Self, CudaError> {
+    fn upload(dev: &Rc<dyn Device>, m: &QMatrix<'_>, what: &str) -> Result<Self, CudaError> {
         Ok(Self {
-            buf: DeviceBuf::upload(m.data, what)?,
+            buf: DeviceBuf::upload(dev, m.data, what)?,
             ty: m.ty,
             rows: m.rows,
             cols: m.cols,
@@ -620,8 +727,13 @@ struct Activations {
 }
 
 impl Activations {
-    fn alloc(c: &ModelConfig, tokens: usize, logit_rows: usize) -> Result<Self, CudaError> {
-        let f = |elems: usize, what: &str| DeviceBuf::alloc(elems * 4, what);
+    fn alloc(
+        dev: &Rc<dyn Device>,
+        c: &ModelConfig,
+        tokens: usize,
+        logit_rows: usize,
+    ) -> Result<Self, CudaError> {
+        let f = |elems: usize, what: &str| DeviceBuf::alloc(dev, elems * 4, what);
         let (d, q_dim, kv_dim) = (c.d_model, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let widest = d.max(q_dim).max(c.ffn_dim);
         Ok(Self {
@@ -638,6 +750,7 @@ impl Activations {
             up: f(tokens * c.ffn_dim, "ffn up")?,
             act: f(tokens * c.ffn_dim, "ffn activations")?,
             acts_q8: DeviceBuf::alloc(
+                dev,
                 tokens * widest.div_ceil(32) * Q8_ACT_BYTES,
                 "quantized activations",
             )?,
@@ -716,7 +829,7 @@ pub(crate) fn index_bytes(p: &PackedBatch) -> (Vec<u8>, [usize; 8]) {
 
 /// Uploads the packed batch's index arrays in one copy into `slot`, growing it.
 fn upload_index(
-    gpu: &Gpu,
+    dev: &Rc<dyn Device>,
     slot: &mut Option<IndexBuf>,
     p: &PackedBatch,
 ) -> Result<IndexPtrs, CudaError> {
@@ -724,7 +837,11 @@ fn upload_index(
     if slot.as_ref().is_none_or(|i| i.buf.bytes < bytes.len()) {
         *slot = None;
         *slot = Some(IndexBuf {
-            buf: DeviceBuf::alloc(bytes.len().next_power_of_two().max(4096), "batch indices")?,
+            buf: DeviceBuf::alloc(
+                dev,
+                bytes.len().next_power_of_two().max(4096),
+                "batch indices",
+            )?,
             ptrs: IndexPtrs::default(),
         });
     }
@@ -732,7 +849,7 @@ fn upload_index(
         return Err(CudaError::Batch("index buffer missing".into()));
     };
     ix.ptrs = IndexPtrs::at(ix.buf.ptr, offs);
-    gpu.htod(ix.buf.ptr, &bytes, "batch indices")?;
+    dev.htod(ix.buf.ptr, &bytes)?;
     Ok(ix.ptrs)
 }
 
@@ -862,22 +979,22 @@ pub struct CudaBackend {
     pool: DeviceBuf,
     acts: Option<Activations>,
     index: Option<IndexBuf>,
-    /// One KV piece of pinned staging for piece copies.
-    staging: RefCell<PinnedBuf>,
-    /// Last field: dropped after every buffer above.
-    gpu: Gpu,
+    /// The GPU (every buffer above holds it too, so it goes last).
+    dev: Rc<dyn Device>,
 }
 
 // SAFETY: the raw driver handles inside (stream, module, functions, pointers)
 // are valid from any thread once their context is current, and every method
 // binds the context first; the backend is used by one thread at a time
-// (`Backend` takes `&mut self` to step, and is not `Sync`).
+// (`Backend` takes `&mut self` to step, and is not `Sync`). Every `Rc` of the
+// device is inside the backend (its buffers' and its own), so they all move
+// to another thread together and none is touched from two threads.
 unsafe impl Send for CudaBackend {}
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBackend")
-            .field("device", &self.gpu.name)
+            .field("device", &self.dev.describe())
             .field("layout", &self.layout)
             .field("num_blocks", &self.num_blocks)
             .finish()
@@ -893,25 +1010,38 @@ impl CudaBackend {
         num_blocks: usize,
         ordinal: usize,
     ) -> Result<Self, CudaError> {
+        check_supported(model.config())?;
+        let dev: Rc<dyn Device> = Rc::new(Gpu::open(ordinal)?);
+        Self::with_device(model, block_size, num_blocks, ordinal, dev)
+    }
+
+    /// The backend on `dev` (the GPU, or in tests the emulation).
+    pub(crate) fn with_device(
+        model: Model,
+        block_size: usize,
+        num_blocks: usize,
+        ordinal: usize,
+        dev: Rc<dyn Device>,
+    ) -> Result<Self, CudaError> {
         let config = model.config().clone();
         check_supported(&config)?;
-        let gpu = Gpu::open(ordinal)?;
-        gpu.bind()?;
+        dev.bind()?;
         let layout = config.kv_layout(block_size);
         let started = std::time::Instant::now();
-        let token_embd = DevMatrix::upload(&model.token_embd(), "token_embd.weight")?;
+        let token_embd = DevMatrix::upload(&dev, &model.token_embd(), "token_embd.weight")?;
         let output = {
             let (e, o) = (model.token_embd(), model.output());
             if std::ptr::eq(e.data.as_ptr(), o.data.as_ptr()) {
                 None
             } else {
-                Some(DevMatrix::upload(&o, "output.weight")?)
+                Some(DevMatrix::upload(&dev, &o, "output.weight")?)
             }
         };
         let mut layers = Vec::with_capacity(config.n_layers);
         for (l, layer) in model.layers().iter().enumerate() {
-            let m = |w, name: &str| DevMatrix::upload(&model.mat(w), &format!("blk.{l}.{name}"));
-            let v = |x: &[f32], name: &str| DeviceBuf::upload(x, &format!("blk.{l}.{name}"));
+            let m =
+                |w, name: &str| DevMatrix::upload(&dev, &model.mat(w), &format!("blk.{l}.{name}"));
+            let v = |x: &[f32], name: &str| DeviceBuf::upload(&dev, x, &format!("blk.{l}.{name}"));
             layers.push(DevLayer {
                 attn_norm: v(&layer.attn_norm, "attn_norm")?,
                 wq: m(&layer.wq, "attn_q")?,
@@ -932,17 +1062,15 @@ impl CudaBackend {
                 w_down: m(&layer.w_down, "ffn_down")?,
             });
         }
-        let output_norm = DeviceBuf::upload(model.output_norm(), "output_norm")?;
-        let inv_freq = DeviceBuf::upload(model.inv_freq(), "rope frequencies")?;
+        let output_norm = DeviceBuf::upload(&dev, model.output_norm(), "output_norm")?;
+        let inv_freq = DeviceBuf::upload(&dev, model.inv_freq(), "rope frequencies")?;
         let pool_bytes = num_blocks
             .checked_mul(layout.block_bytes())
             .ok_or_else(|| CudaError::Unsupported("KV pool size overflows".into()))?;
-        let pool = DeviceBuf::alloc(pool_bytes, "the KV pool")?;
-        // SAFETY: the pool holds `pool_bytes` bytes.
-        unsafe { cu::memset_d8_sync(pool.ptr, 0, pool_bytes) }.ctx("clearing the KV pool")?;
-        let staging = RefCell::new(PinnedBuf::alloc(layout.piece_bytes())?);
+        let pool = DeviceBuf::alloc(&dev, pool_bytes, "the KV pool")?;
+        dev.zero(pool.ptr, pool_bytes)?;
         tracing::info!(
-            device = %gpu.name,
+            device = %dev.describe(),
             weights_mb = (model.weight_bytes_per_token() >> 20) as u64,
             kv_pool_mb = (pool_bytes >> 20) as u64,
             upload_ms = started.elapsed().as_millis() as u64,
@@ -961,8 +1089,7 @@ impl CudaBackend {
             pool,
             acts: None,
             index: None,
-            staging,
-            gpu,
+            dev,
         })
     }
 
@@ -979,6 +1106,7 @@ impl CudaBackend {
             };
             self.acts = None;
             self.acts = Some(Activations::alloc(
+                &self.dev,
                 &self.config,
                 t.next_power_of_two().max(16),
                 r.next_power_of_two().max(8),
@@ -988,7 +1116,7 @@ impl CudaBackend {
     }
 
     fn rms_norm(&self, x: u64, w: u64, out: u64, rows: usize) -> Result<(), CudaError> {
-        self.gpu.launch_kernel(
+        self.dev.launch(
             Kernel::RmsNorm,
             (rows as u32, 1, 1),
             ROW_THREADS,
@@ -1004,8 +1132,8 @@ impl CudaBackend {
     }
 
     fn elementwise(&self, k: Kernel, args: &[Arg], total: usize) -> Result<(), CudaError> {
-        self.gpu
-            .launch_kernel(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
+        self.dev
+            .launch(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
     }
 
     fn forward_inner(
@@ -1013,7 +1141,7 @@ impl CudaBackend {
         batch: &[BatchSeq<'_>],
         on_layer: LayerHook<'_>,
     ) -> Result<Vec<f32>, CudaError> {
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let p = pack(batch, self.layout, self.num_blocks)?;
         let n = p.n_tokens();
         if n == 0 {
@@ -1021,7 +1149,7 @@ impl CudaBackend {
         }
         let n_logits = p.logit_rows.len();
         self.reserve(n, n_logits)?;
-        let ix = &upload_index(&self.gpu, &mut self.index, &p)?;
+        let ix = &upload_index(&self.dev, &mut self.index, &p)?;
         let this = &*self;
         let Some(a) = this.acts.as_ref() else {
             return Err(CudaError::Batch("buffers missing after reserve".into()));
@@ -1031,7 +1159,7 @@ impl CudaBackend {
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
 
         let embd = &this.token_embd;
-        this.gpu.launch_kernel(
+        this.dev.launch(
             Kernel::Embed,
             (n as u32, 1, 1),
             ROW_THREADS,
@@ -1052,7 +1180,7 @@ impl CudaBackend {
             this.rms_norm(a.x.ptr, layer.attn_norm.ptr, a.xn.ptr, n)?;
             let mut q8_of = None;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.wq.weight(),
                 a.xn.ptr,
@@ -1061,7 +1189,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.wk.weight(),
                 a.xn.ptr,
@@ -1070,7 +1198,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.wv.weight(),
                 a.xn.ptr,
@@ -1092,9 +1220,9 @@ impl CudaBackend {
                     )?;
                 }
             }
-            rope(&this.gpu, c, this.inv_freq.ptr, a.q.ptr, c.n_heads, ix, n)?;
+            rope(&*this.dev, c, this.inv_freq.ptr, a.q.ptr, c.n_heads, ix, n)?;
             rope(
-                &this.gpu,
+                &*this.dev,
                 c,
                 this.inv_freq.ptr,
                 a.k.ptr,
@@ -1103,7 +1231,7 @@ impl CudaBackend {
                 n,
             )?;
             kv_write(
-                &this.gpu,
+                &*this.dev,
                 &this.layout,
                 a.k.ptr,
                 a.v.ptr,
@@ -1113,7 +1241,7 @@ impl CudaBackend {
                 l,
             )?;
             attention(
-                &this.gpu,
+                &*this.dev,
                 c,
                 &this.layout,
                 a.q.ptr,
@@ -1126,7 +1254,7 @@ impl CudaBackend {
             // Layer l's K/V are queued; a reader's copy waits for them in stream order.
             on_layer(l, &reader);
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.wo.weight(),
                 a.attn.ptr,
@@ -1143,7 +1271,7 @@ impl CudaBackend {
             this.rms_norm(a.x.ptr, layer.ffn_norm.ptr, a.xn.ptr, n)?;
             q8_of = None;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.w_gate.weight(),
                 a.xn.ptr,
@@ -1152,7 +1280,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.w_up.weight(),
                 a.xn.ptr,
@@ -1172,7 +1300,7 @@ impl CudaBackend {
                 f,
             )?;
             matmul(
-                &this.gpu,
+                &*this.dev,
                 a.acts_q8.ptr,
                 layer.w_down.weight(),
                 a.act.ptr,
@@ -1190,10 +1318,10 @@ impl CudaBackend {
         if n_logits == 0 {
             // Nothing to read back, but the step's K/V must be in place before
             // the engine hands its blocks to anyone.
-            this.gpu.sync()?;
+            this.dev.sync()?;
             return Ok(Vec::new());
         }
-        this.gpu.launch_kernel(
+        this.dev.launch(
             Kernel::GatherRows,
             (n_logits as u32, 1, 1),
             ROW_THREADS,
@@ -1209,7 +1337,7 @@ impl CudaBackend {
         let head = this.output.as_ref().unwrap_or(&this.token_embd);
         let mut none = None;
         matmul(
-            &this.gpu,
+            &*this.dev,
             a.acts_q8.ptr,
             head.weight(),
             a.last_norm.ptr,
@@ -1218,7 +1346,8 @@ impl CudaBackend {
             &mut none,
         )?;
         let mut logits = vec![0f32; n_logits * c.vocab_size];
-        this.gpu.dtoh(&mut logits, a.logits.ptr, "logits")?;
+        this.dev
+            .dtoh(bytemuck::cast_slice_mut(&mut logits), a.logits.ptr)?;
         Ok(logits)
     }
 
@@ -1237,17 +1366,15 @@ impl CudaBackend {
     }
 
     fn read_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) -> Result<(), CudaError> {
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let off = self.piece_offset(block, layer)?;
-        let mut staging = self.staging.borrow_mut();
-        let buf = staging.as_mut_slice();
-        self.gpu.dtoh(buf, self.pool.ptr + off, "a KV piece")?;
-        out.extend_from_slice(buf);
-        Ok(())
+        let start = out.len();
+        out.resize(start + self.layout.piece_bytes(), 0);
+        self.dev.dtoh(&mut out[start..], self.pool.ptr + off)
     }
 
     fn write_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) -> Result<(), CudaError> {
-        self.gpu.bind()?;
+        self.dev.bind()?;
         let off = self.piece_offset(block, layer)?;
         let pb = self.layout.piece_bytes();
         if data.len() != pb {
@@ -1256,19 +1383,14 @@ impl CudaBackend {
                 data.len()
             )));
         }
-        let mut staging = self.staging.borrow_mut();
-        let buf = staging.as_mut_slice();
-        buf.copy_from_slice(data);
-        self.gpu.htod(self.pool.ptr + off, buf, "a KV piece")?;
-        // The staging buffer is reused by the next copy.
-        self.gpu.sync()
+        self.dev.htod(self.pool.ptr + off, data)
     }
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // The buffers free themselves in this context.
-        let _ = self.gpu.bind();
+        let _ = self.dev.bind();
     }
 }
 
@@ -1287,10 +1409,7 @@ impl KvRead for DeviceKv<'_> {
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!(
-            "cuda:{} ({}, sm_{})",
-            self.ordinal, self.gpu.name, self.gpu.arch
-        )
+        format!("cuda:{} ({})", self.ordinal, self.dev.describe())
     }
 
     fn config(&self) -> &ModelConfig {
