@@ -524,6 +524,9 @@ impl Transport for ShmTransport {
 
     async fn connect(&self, peer: &Path) -> Result<ShmSession, TransferError> {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        // A receiver that stopped removed its socket: let its idle lanes go
+        // (their rings stay mapped while held).
+        sessions.retain(|socket, _| socket.exists());
         if let Some(s) = sessions.get(peer) {
             return Ok(s.clone());
         }
