@@ -245,19 +245,22 @@ impl LaneSource {
                 "a batch of {len} bytes at ring offset {offset} (ring of {ring_len}, transfer of {limit})"
             ));
         }
-        let mut data = vec![0u8; len as usize];
+        // Not zeroed first: every byte is copied in below.
+        let mut data = Vec::<u8>::with_capacity(len as usize);
         // The sender wrote these bytes before sending the frame we just read.
         fence(Ordering::Acquire);
         // SAFETY: `offset + len` is within the mapping (checked above), the
-        // mapping lives as long as `self`, and `data` is a fresh buffer. The
-        // sender writes only ring space it holds no credit for, which this
-        // range is until the credit below is sent.
+        // mapping lives as long as `self`, and `data` has room for `len`
+        // bytes, all of which are written before `set_len`. The sender writes
+        // only ring space it holds no credit for, which this range is until
+        // the credit below is sent.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ring.as_ptr().add(offset as usize),
                 data.as_mut_ptr(),
-                data.len(),
+                len as usize,
             );
+            data.set_len(len as usize);
         }
         let mut credit = [0u8; 9];
         credit[0] = TAG_CREDIT;
