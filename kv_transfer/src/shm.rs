@@ -697,10 +697,7 @@ impl TransferWriter for ShmWriter {
     ) -> Result<TransferReport, TransferError> {
         let id = self.out.desc.transfer_id;
         let checksum = source_checksum.unwrap_or(self.out.checksum);
-        let mut end = [0u8; 9];
-        end[0] = TAG_END;
-        end[1..].copy_from_slice(&checksum.to_le_bytes());
-        if let Err(e) = self.lane.writer.write_all(&end).await {
+        if let Err(e) = wire::write_end(&mut self.lane.writer, checksum).await {
             let e = self.why(wire::io(e)).await;
             return Err(e);
         }

@@ -242,6 +242,100 @@ fn tokens(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| 100 + (i * 7 + salt) % 5000).collect()
 }
 
+/// The faults every transport must survive, on `session` into engine `b`:
+/// a transfer nobody expects (refused; the real one lands after it on the
+/// same session), corrupted bytes (a checksum mismatch on both ends), and a
+/// stall past the deadline while a concurrent transfer lands. Each frees the
+/// reserved blocks.
+async fn transport_faults<S: Session>(b: &Engine, receiver: &KvReceiver, session: &S, salt: u32) {
+    let salt = salt * 10;
+    // A transfer nobody expects is refused.
+    let (mut desc, pending) = expect(b, receiver, tokens(64, salt + 1), DEADLINE);
+    let real = desc.transfer_id;
+    desc.transfer_id = 999_999;
+    let (batches, _) = synthetic(&desc, 1);
+    let w = session.open(&desc).await.expect("open");
+    let e = send_all(w, batches.clone(), None)
+        .await
+        .expect_err("refused");
+    assert_eq!(e, TransferError::UnknownTransfer { transfer: 999_999 });
+    // The real one still lands afterwards on the same session.
+    desc.transfer_id = real;
+    let w = session.open(&desc).await.expect("open");
+    send_all(w, batches, None).await.expect("sent");
+    let (res, _) = pending.wait().await.expect("received");
+    drop(res);
+    wait_blocks_used(b, 0).await;
+
+    // Corrupted bytes: the source's checksum does not match what landed.
+    let (desc, pending) = expect(b, receiver, tokens(64, salt + 2), DEADLINE);
+    let (mut batches, source_sum) = synthetic(&desc, 2);
+    batches[3].data[100] ^= 0x40;
+    let w = session.open(&desc).await.expect("open");
+    let e = send_all(w, batches, Some(source_sum))
+        .await
+        .expect_err("mismatch");
+    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
+    let e = pending.wait().await.expect_err("mismatch");
+    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
+    wait_blocks_used(b, 0).await;
+
+    // A stall past the deadline.
+    let (desc, pending) = expect(
+        b,
+        receiver,
+        tokens(64, salt + 3),
+        Duration::from_millis(800),
+    );
+    let (batches, _) = synthetic(&desc, 3);
+    let mut w = session.open(&desc).await.expect("open");
+    for batch in batches.iter().take(5).cloned() {
+        w.send(batch).await.expect("send");
+    }
+    // Meanwhile another transfer on the same session completes.
+    let (other_desc, other_pending) = expect(b, receiver, tokens(64, salt + 33), DEADLINE);
+    let other_w = session.open(&other_desc).await.expect("open");
+    send_all(other_w, synthetic(&other_desc, 33).0, None)
+        .await
+        .expect("a concurrent transfer lands");
+    drop(other_pending.wait().await.expect("received"));
+    let e = pending.wait().await.expect_err("deadline");
+    let blocks = desc.blocks.len();
+    assert!(
+        matches!(e, TransferError::DeadlineExceeded { received, .. } if received == 5 * blocks),
+        "{e}"
+    );
+    wait_blocks_used(b, 0).await;
+    let e = send_all(w, batches[5..].to_vec(), None)
+        .await
+        .expect_err("too late");
+    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
+}
+
+/// After a test's faults: one more transfer lands whole, nothing is left
+/// pending, and the receiver counted `failures` of the kinds unknown
+/// transfer, checksum, deadline and disconnect.
+async fn still_serving<S: Session>(
+    b: &Engine,
+    receiver: &KvReceiver,
+    session: &S,
+    failures: &[u64; 4],
+) {
+    let (desc, pending) = expect(b, receiver, tokens(64, 6), DEADLINE);
+    let (batches, sum) = synthetic(&desc, 6);
+    let w = session.open(&desc).await.expect("open");
+    send_all(w, batches, None).await.expect("sent");
+    let (res, report) = pending.wait().await.expect("received");
+    assert_eq!(report.checksum, sum);
+    drop(res);
+    wait_blocks_used(b, 0).await;
+    assert_eq!(receiver.pending(), 0);
+    let kinds = ["unknown_transfer", "checksum", "deadline", "disconnected"];
+    for (kind, &n) in kinds.iter().zip(failures) {
+        assert_eq!(receiver.metrics().failures(kind), n, "{kind} failures");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let b = engine(64);
@@ -257,62 +351,7 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let transport = QuicTransport::new(loopback(), &c.sender_id, sender).expect("client");
     let session = transport.connect(&peer).await.expect("connect");
 
-    // A transfer nobody expects is refused.
-    let (mut desc, pending) = expect(&b, &receiver, tokens(64, 1), DEADLINE);
-    let real = desc.transfer_id;
-    desc.transfer_id = 999_999;
-    let (batches, _) = synthetic(&desc, 1);
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches.clone(), None)
-        .await
-        .expect_err("refused");
-    assert_eq!(e, TransferError::UnknownTransfer { transfer: 999_999 });
-    // The real one still lands afterwards on the same connection.
-    desc.transfer_id = real;
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    let (res, _) = pending.wait().await.expect("received");
-    drop(res);
-    wait_blocks_used(&b, 0).await;
-
-    // Corrupted bytes: the source's checksum does not match what landed.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 2), DEADLINE);
-    let (mut batches, source_sum) = synthetic(&desc, 2);
-    batches[3].data[100] ^= 0x40;
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches, Some(source_sum))
-        .await
-        .expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    let e = pending.wait().await.expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    wait_blocks_used(&b, 0).await;
-
-    // A stall past the deadline.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 3), Duration::from_millis(800));
-    let (batches, _) = synthetic(&desc, 3);
-    let mut w = session.open(&desc).await.expect("open");
-    for batch in batches.iter().take(5).cloned() {
-        w.send(batch).await.expect("send");
-    }
-    // Meanwhile another transfer on the same connection completes.
-    let (other_desc, other_pending) = expect(&b, &receiver, tokens(64, 33), DEADLINE);
-    let other_w = session.open(&other_desc).await.expect("open");
-    send_all(other_w, synthetic(&other_desc, 33).0, None)
-        .await
-        .expect("a concurrent transfer lands");
-    drop(other_pending.wait().await.expect("received"));
-    let e = pending.wait().await.expect_err("deadline");
-    let blocks = desc.blocks.len();
-    assert!(
-        matches!(e, TransferError::DeadlineExceeded { received, .. } if received == 5 * blocks),
-        "{e}"
-    );
-    wait_blocks_used(&b, 0).await;
-    let e = send_all(w, batches[5..].to_vec(), None)
-        .await
-        .expect_err("too late");
-    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
+    transport_faults(&b, &receiver, &session, 1).await;
 
     // The connection drops mid-transfer.
     let (desc, pending) = expect(&b, &receiver, tokens(64, 4), DEADLINE);
@@ -364,23 +403,7 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     wait_blocks_used(&b, 0).await;
 
     // Through all of that the receiver kept serving.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 6), DEADLINE);
-    let (batches, sum) = synthetic(&desc, 6);
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    let (res, report) = pending.wait().await.expect("received");
-    assert_eq!(report.checksum, sum);
-    drop(res);
-    wait_blocks_used(&b, 0).await;
-    assert_eq!(receiver.pending(), 0);
-    for (kind, n) in [
-        ("unknown_transfer", 1),
-        ("checksum", 1),
-        ("deadline", 2),
-        ("disconnected", 1),
-    ] {
-        assert_eq!(metrics.failures(kind), n, "{kind} failures");
-    }
+    still_serving(&b, &receiver, &session, &[1, 1, 2, 1]).await;
 }
 
 const CHILD_ENV: &str = "TANDEM_KVT_CHILD_SENDER";
@@ -390,8 +413,6 @@ const CHILD_ENV: &str = "TANDEM_KVT_CHILD_SENDER";
 /// and serves the next transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_killed_mid_transfer_is_a_disconnect() {
-    use tokio::io::AsyncBufReadExt;
-
     let b = engine(64);
     let c = cluster();
     let metrics = Arc::new(TransferMetrics::default());
@@ -407,28 +428,7 @@ async fn sender_killed_mid_transfer_is_a_disconnect() {
         "ca": files.ca, "cert": files.cert, "key": files.key,
         "desc": desc,
     });
-    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_sender_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, spec.to_string())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the sender");
-    let stdout = child.stdout.take().expect("child stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next_line().await.expect("child output");
-        match line {
-            Some(l) if l.contains("HALF SENT") => break,
-            Some(_) => {}
-            None => panic!("the sender exited before sending half"),
-        }
-    }
+    let mut child = half_sending_child(spec).await;
     // Its writes are out of the process once they have landed here.
     let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
     while metrics.snapshot().pieces_received < half {
@@ -602,55 +602,7 @@ async fn shm_transfers_between_processes_and_survive_faults() {
     wait_blocks_used(&b, 0).await;
     assert!(leftover_rings().is_empty(), "{:?}", leftover_rings());
 
-    // A transfer nobody expects is refused; the real one lands after it.
-    let (mut desc, pending) = expect(&b, &receiver, tokens(64, 2), DEADLINE);
-    let real = desc.transfer_id;
-    desc.transfer_id = 999_999;
-    let (batches, _) = synthetic(&desc, 2);
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches.clone(), None)
-        .await
-        .expect_err("refused");
-    assert_eq!(e, TransferError::UnknownTransfer { transfer: 999_999 });
-    desc.transfer_id = real;
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    drop(pending.wait().await.expect("received"));
-    wait_blocks_used(&b, 0).await;
-
-    // Corrupted bytes.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 3), DEADLINE);
-    let (mut batches, source_sum) = synthetic(&desc, 3);
-    batches[3].data[100] ^= 0x40;
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches, Some(source_sum))
-        .await
-        .expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    let e = pending.wait().await.expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    wait_blocks_used(&b, 0).await;
-
-    // A stall past the deadline, while a concurrent transfer on another lane lands.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 4), Duration::from_millis(800));
-    let (batches, _) = synthetic(&desc, 4);
-    let mut w = session.open(&desc).await.expect("open");
-    for batch in batches.iter().take(5).cloned() {
-        w.send(batch).await.expect("send");
-    }
-    let (other_desc, other_pending) = expect(&b, &receiver, tokens(64, 44), DEADLINE);
-    let other_w = session.open(&other_desc).await.expect("open");
-    send_all(other_w, synthetic(&other_desc, 44).0, None)
-        .await
-        .expect("a concurrent transfer lands");
-    drop(other_pending.wait().await.expect("received"));
-    let e = pending.wait().await.expect_err("deadline");
-    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
-    wait_blocks_used(&b, 0).await;
-    let e = send_all(w, batches[5..].to_vec(), None)
-        .await
-        .expect_err("too late");
-    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
+    transport_faults(&b, &receiver, &session, 2).await;
 
     // A sender process killed mid-transfer: a disconnect.
     let (desc, pending) = expect(&b, &receiver, tokens(64, 5), DEADLINE);
@@ -687,23 +639,7 @@ async fn shm_transfers_between_processes_and_survive_faults() {
     }
 
     // Through all of that the receiver kept serving, on a reused lane.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 6), DEADLINE);
-    let (batches, sum) = synthetic(&desc, 6);
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    let (res, report) = pending.wait().await.expect("received");
-    assert_eq!(report.checksum, sum);
-    drop(res);
-    wait_blocks_used(&b, 0).await;
-    assert_eq!(receiver.pending(), 0);
-    for (kind, n) in [
-        ("unknown_transfer", 1),
-        ("checksum", 1),
-        ("deadline", 1),
-        ("disconnected", 1),
-    ] {
-        assert_eq!(metrics.failures(kind), n, "{kind} failures");
-    }
+    still_serving(&b, &receiver, &session, &[1, 1, 1, 1]).await;
     assert!(leftover_rings().is_empty(), "{:?}", leftover_rings());
     let _ = std::fs::remove_dir_all(&dir);
 }
