@@ -1,10 +1,11 @@
 //! `tandem bench transfer`: how fast KV moves between workers. For the default
 //! model's KV of a 2,048-token prompt and for a 256 MiB synthetic transfer
 //! (an 8B-class layout), it times whole transfers, open to verified verdict,
-//! over QUIC (mutual TLS, loopback), the local in-process path, the same
-//! framing over a plain TCP stream on loopback, and a bare memcpy into the
-//! pool: every path ends with the same copy into a block pool, so the ratios
-//! show what each transport costs.
+//! over QUIC (mutual TLS, loopback), the same-host shared-memory path (a Unix
+//! socket and a ring in `/dev/shm`, as between two worker processes), the
+//! local in-process path, the same framing over a plain TCP stream on
+//! loopback, and a bare memcpy into the pool: every path ends with the same
+//! copy into a block pool, so the ratios show what each transport costs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::kv_cache::{BlockId, KvLayout};
 use tandem_kv_transfer::local::LocalTransport;
 use tandem_kv_transfer::quic::{QuicListener, QuicPeer, QuicTransport};
+use tandem_kv_transfer::shm::{ShmListener, ShmTransport};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_kv_transfer::{
     BlockSink, DType, KvReceiver, MemoryPool, PieceBatch, Session, StreamWriter,
@@ -62,6 +64,7 @@ pub struct TransferBenchReport {
     pub quic_gbps: f64,
     pub tcp_gbps: f64,
     pub local_gbps: f64,
+    pub shm_gbps: f64,
     pub memcpy_gbps: f64,
     pub quic_over_tcp: f64,
     pub cases: Vec<CaseResult>,
@@ -119,6 +122,7 @@ pub fn transfer(opts: &TransferBenchOptions) -> anyhow::Result<TransferBenchRepo
         quic_gbps: gbps("quic"),
         tcp_gbps: gbps("tcp"),
         local_gbps: gbps("local"),
+        shm_gbps: gbps("shm"),
         memcpy_gbps: gbps("memcpy"),
         quic_over_tcp: gbps("quic") / gbps("tcp").max(f64::MIN_POSITIVE),
         cases: results,
@@ -226,6 +230,22 @@ async fn run_case(
     pool = p;
     paths.push(summarize("local", desc.bytes(), &times));
 
+    let dir = scratch_dir()?;
+    let shm_listener = ShmListener::bind(dir.join("kv.sock"), receiver.clone())?;
+    let shm = ShmTransport::new(metrics.clone())
+        .connect(shm_listener.path())
+        .await
+        .context("shared-memory session")?;
+    let (times, p) = timed(reps, pool, &src, &receiver, &mut desc, deadline, |d| {
+        let s = shm.clone();
+        async move { s.open(&d).await }
+    })
+    .await?;
+    pool = p;
+    drop(shm_listener);
+    let _ = std::fs::remove_dir_all(&dir);
+    paths.push(summarize("shm", desc.bytes(), &times));
+
     let ca = ClusterCa::generate("tandem bench CA")?;
     let server_id = ca.issue(&["decode-0"])?;
     let client_id = ca.issue(&["prefill-0"])?;
@@ -284,6 +304,18 @@ async fn run_case(
         quic_mtu: stats.path.current_mtu,
         quic_lost_packets: stats.path.lost_packets,
     })
+}
+
+/// A fresh private directory for the benchmark's socket.
+fn scratch_dir() -> anyhow::Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tandem-bench-transfer-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Runs `reps + 1` transfers of `src` into `pool` (the first a warm-up) and

@@ -157,6 +157,15 @@ impl<S: Store + Clone> LocalConnector<S> {
             "--tls-dir".to_owned(),
             node_dir.display().to_string(),
         ]);
+        if role == Role::Decode {
+            // Prefill workers of this cluster share the host: KV comes
+            // through shared memory. (A Unix socket path has at most 107
+            // bytes; a longer run directory keeps to QUIC.)
+            let socket = node_dir.join("kv.sock");
+            if socket.as_os_str().len() < 100 {
+                args.extend(["--kv-socket".to_owned(), socket.display().to_string()]);
+            }
+        }
         let mut command = Command::new(&self.cfg.exe);
         if role == Role::Router {
             // In the environment, not on the command line where `ps` shows it.

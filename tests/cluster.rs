@@ -1,9 +1,10 @@
 //! End to end over real processes: `tandem up` starts the store, a router, a
 //! prefill worker and two decode workers; requests go through the OpenAI API.
 //!
-//! - The first invariant: greedy output disaggregated (prefill worker → QUIC →
-//!   decode worker) equals aggregated (decode worker prefills) equals
-//!   `tandem generate`.
+//! - The first invariant: greedy output disaggregated (prefill worker → shared
+//!   memory, the same-host KV path → decode worker) equals aggregated (decode
+//!   worker prefills) equals `tandem generate`. (The QUIC path between worker
+//!   processes is tested in decode_worker/tests/workers.rs.)
 //! - A prompt sharing a cached prefix goes to the worker holding it and reports
 //!   `cached_tokens`.
 //! - Failures: a prefill worker killed mid-request (the decode worker prefills
@@ -384,6 +385,14 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     assert!(
         remote_after >= remote_before + 2.0,
         "the prefill worker computed the disaggregated prompts ({remote_before} -> {remote_after})"
+    );
+    let shm_sent = c.metric(
+        &prefill.http_addr,
+        "tandem_kv_transfer_shm_sent_transfers_total",
+    );
+    assert!(
+        shm_sent >= 2.0,
+        "co-located workers hand KV over shared memory ({shm_sent} transfers)"
     );
 
     eprintln!("cluster test: prefix routing");

@@ -15,6 +15,7 @@ use tandem_engine::engine::{
 };
 use tandem_engine::sampling::SamplingParams;
 use tandem_kv_transfer::quic::QuicListener;
+use tandem_kv_transfer::shm::{self, ShmListener};
 use tandem_kv_transfer::{BlockSink, KvReceiver, TransferDescriptor, TransferError};
 use tandem_prefill_worker::runtime::{
     EngineRequestGuard, GenerateStream, RoleEndpoints, RoleService, Worker, engine_status,
@@ -115,7 +116,8 @@ impl BlockSink for ReservationSink {
     }
 }
 
-/// The decode role: a QUIC endpoint receiving KV, clients of prefill workers.
+/// The decode role: a QUIC endpoint (and optionally a same-host socket)
+/// receiving KV, clients of prefill workers.
 #[derive(Clone)]
 pub(crate) struct DecodeService {
     inner: Arc<Inner>,
@@ -126,6 +128,7 @@ struct Inner {
     receiver: Arc<KvReceiver>,
     /// Held for its lifetime: dropping it closes the KV endpoint.
     _listener: QuicListener,
+    _shm_listener: Option<ShmListener>,
     endpoint: KvEndpoint,
     /// One channel per prefill worker address, reused.
     clients: Mutex<HashMap<String, WorkerClient<Channel>>>,
@@ -149,6 +152,13 @@ impl DecodeService {
             QuicListener::bind(args.kv_addr, worker.tls.node_identity(), receiver.clone())
                 .with_context(|| format!("binding the KV endpoint to {}", args.kv_addr))?;
         let kv_addr = listener.local_addr()?;
+        let shm_listener = match &args.kv_socket {
+            Some(path) => Some(
+                ShmListener::bind(path, receiver.clone())
+                    .with_context(|| format!("binding the KV socket {}", path.display()))?,
+            ),
+            None => None,
+        };
         let endpoints = RoleEndpoints {
             kv_addr: Some(kv_addr),
         };
@@ -156,10 +166,17 @@ impl DecodeService {
             endpoint: KvEndpoint {
                 addr: worker.advertised(kv_addr),
                 server_name: worker.tls_name.clone(),
+                local_socket: args
+                    .kv_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                host: shm::host_id(),
             },
             worker,
             receiver,
             _listener: listener,
+            _shm_listener: shm_listener,
             clients: Mutex::new(HashMap::new()),
             deadline: Duration::from_millis(args.transfer_deadline_ms.into()),
             echo: args.echo,

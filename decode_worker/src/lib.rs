@@ -14,6 +14,7 @@ mod generate;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 pub use tandem_prefill_worker::runtime::CommonArgs;
 pub use tandem_prefill_worker::shutdown_signal;
@@ -27,6 +28,11 @@ pub struct DecodeArgs {
     /// Where to receive KV transfers over QUIC (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_addr: SocketAddr,
+    /// Also receive KV from prefill workers on this host through shared memory,
+    /// listening on this Unix socket (no crypto, no network stack on the data
+    /// path). Prefill workers elsewhere keep using QUIC.
+    #[arg(long, value_name = "PATH")]
+    pub kv_socket: Option<PathBuf>,
     /// How long a remote prefill may take before the worker prefills locally, ms:
     /// the prefill worker's queue, its compute and the transfer together. Falling
     /// back late costs the whole prompt again here, so this bounds a lost
@@ -45,6 +51,7 @@ impl DecodeArgs {
         Self {
             common,
             kv_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            kv_socket: None,
             transfer_deadline_ms: 60_000,
             echo: false,
         }

@@ -181,13 +181,18 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// The tokens a worker's engine has computed, from its `/metrics`.
-async fn computed_tokens(http_addr: &str) -> u64 {
+/// One unlabelled counter from a worker's `/metrics`.
+async fn counter(http_addr: &str, name: &str) -> u64 {
     let (_, body) = http_get(http_addr, "/metrics").await;
     body.lines()
-        .find_map(|l| l.strip_prefix("tandem_worker_computed_tokens_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .expect("tandem_worker_computed_tokens_total")
+        .unwrap_or_else(|| panic!("{name} in {http_addr}/metrics"))
+}
+
+/// The tokens a worker's engine has computed, from its `/metrics`.
+async fn computed_tokens(http_addr: &str) -> u64 {
+    counter(http_addr, "tandem_worker_computed_tokens_total").await
 }
 
 async fn registrations(store: &MemStore) -> Vec<InstanceInfo> {
@@ -249,7 +254,10 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     let mut decode_common = common(&store_url, decode_dir, "decode-t");
     decode_common.advertise_host = Some("127.0.0.1".into());
     decode_common.tls_name = Some("localhost".into());
-    let decode_args = DecodeArgs::new(decode_common);
+    let mut decode_args = DecodeArgs::new(decode_common);
+    // A same-host KV socket, which (b) takes away.
+    let kv_socket = root.join("decode-t.kv.sock");
+    decode_args.kv_socket = Some(kv_socket.clone());
     let mut decode = Node {
         stop: Some(stop),
         task: tokio::spawn(tandem_decode_worker::run(decode_args, down)),
@@ -336,7 +344,11 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         .expect("subscribe")
         .into_inner();
 
-    // (b) A remote prefill gives the same greedy tokens as the model run locally.
+    // (b) A remote prefill gives the same greedy tokens as the model run
+    // locally. Over QUIC: the decode worker offers a same-host socket, but it
+    // cannot be reached (as from another mount namespace), so the prefill
+    // worker falls back. (`tandem up`'s test covers the shared-memory path.)
+    std::fs::remove_file(&kv_socket).expect("remove the socket");
     let prompt = chat_prompt(
         &reference_engine,
         "Why does ice float on water, when most solids sink in their own liquid?",
@@ -362,6 +374,15 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     );
     assert_eq!(remote.reason, "length");
     assert_eq!(remote.tokens, expected, "remote prefill decodes like local");
+    let sent = |name| counter(&p.http_addr, name);
+    assert_eq!(
+        (
+            sent("tandem_kv_transfer_sent_transfers_total").await,
+            sent("tandem_kv_transfer_shm_sent_transfers_total").await
+        ),
+        (1, 0),
+        "with the decode worker's socket unreachable the transfer went over QUIC"
+    );
     // Without `prefill`, locally, on the same worker: the same tokens again.
     let local = generate(&mut dc, request("l1", &prompt, None)).await;
     assert_eq!(local.prefilled.mode, "local");

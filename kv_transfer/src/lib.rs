@@ -15,9 +15,12 @@
 //! both ends, and the reserved blocks are freed.
 //!
 //! Transports: [`quic`] (quinn, TLS 1.3 with mutual authentication from a cluster
-//! CA; one connection per peer pair, one stream per transfer) and [`local`] (an
-//! in-process channel, for co-located workers: no copies through a socket, no
-//! crypto). RDMA fits the same [`Transport`] trait; see its documentation.
+//! CA; one connection per peer pair, one stream per transfer), [`shm`] (workers
+//! on one host, in separate processes: a ring in shared memory per transfer
+//! lane and a Unix socket for the frames; no crypto, no socket on the data
+//! path) and [`local`] (an in-process channel, for engines in one process: no
+//! encoding at all). RDMA fits the same [`Transport`] trait; see its
+//! documentation.
 
 mod descriptor;
 mod error;
@@ -25,6 +28,7 @@ pub mod local;
 mod metrics;
 pub mod quic;
 mod receiver;
+pub mod shm;
 pub mod tls;
 mod transport;
 mod wire;

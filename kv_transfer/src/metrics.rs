@@ -15,6 +15,7 @@ pub struct TransferMetrics {
     pieces_received: AtomicU64,
     blocks_received: AtomicU64,
     transfers_sent: AtomicU64,
+    shm_transfers_sent: AtomicU64,
     transfers_received: AtomicU64,
     receive_micros: AtomicU64,
     send_micros: AtomicU64,
@@ -41,6 +42,8 @@ pub struct MetricsSnapshot {
     pub pieces_received: u64,
     pub blocks_received: u64,
     pub transfers_sent: u64,
+    /// Of those, the ones through shared memory on this host.
+    pub shm_transfers_sent: u64,
     pub transfers_received: u64,
     pub receive_seconds_total: f64,
     pub send_seconds_total: f64,
@@ -58,6 +61,10 @@ impl TransferMetrics {
     pub(crate) fn send_done(&self, took: Duration) {
         self.transfers_sent.fetch_add(1, Relaxed);
         self.send_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    pub(crate) fn sent_through_shm(&self) {
+        self.shm_transfers_sent.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn received(&self, bytes: u64, pieces: u64) {
@@ -100,6 +107,7 @@ impl TransferMetrics {
             pieces_received: self.pieces_received.load(Relaxed),
             blocks_received: self.blocks_received.load(Relaxed),
             transfers_sent: self.transfers_sent.load(Relaxed),
+            shm_transfers_sent: self.shm_transfers_sent.load(Relaxed),
             transfers_received: self.transfers_received.load(Relaxed),
             receive_seconds_total: self.receive_micros.load(Relaxed) as f64 / 1e6,
             send_seconds_total: self.send_micros.load(Relaxed) as f64 / 1e6,
@@ -142,6 +150,11 @@ impl TransferMetrics {
             "tandem_kv_transfer_sent_transfers_total",
             "Transfers sent and confirmed by the receiver.",
             s.transfers_sent.to_string(),
+        );
+        counter(
+            "tandem_kv_transfer_shm_sent_transfers_total",
+            "Transfers sent through shared memory to a worker on this host.",
+            s.shm_transfers_sent.to_string(),
         );
         counter(
             "tandem_kv_transfer_received_transfers_total",

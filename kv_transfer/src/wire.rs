@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::{PieceBatch, TransferDescriptor, TransferError};
 
 const MAGIC: &[u8; 4] = b"TKV1";
-const TAG_PIECES: u8 = 1;
-const TAG_END: u8 = 2;
+pub(crate) const TAG_PIECES: u8 = 1;
+pub(crate) const TAG_END: u8 = 2;
 /// A descriptor is a few KiB even for a full context; anything larger is garbage.
 const MAX_HEADER: usize = 4 << 20;
 const MAX_ERROR: usize = 64 << 10;
@@ -158,7 +158,17 @@ pub(crate) async fn write_end<W: AsyncWrite + Unpin>(
     w.write_all(&buf).await
 }
 
+/// Writes the verdict and closes the stream.
 pub(crate) async fn write_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    result: &Result<u64, TransferError>,
+) -> std::io::Result<()> {
+    write_verdict(w, result).await?;
+    w.shutdown().await
+}
+
+/// Writes the verdict, leaving the stream open for the next transfer.
+pub(crate) async fn write_verdict<W: AsyncWrite + Unpin>(
     w: &mut W,
     result: &Result<u64, TransferError>,
 ) -> std::io::Result<()> {
@@ -175,8 +185,16 @@ pub(crate) async fn write_reply<W: AsyncWrite + Unpin>(
             buf.extend_from_slice(&json);
         }
     }
-    w.write_all(&buf).await?;
-    w.shutdown().await
+    w.write_all(&buf).await
+}
+
+fn lost(transfer: u64) -> impl Fn(std::io::Error) -> TransferError + Copy {
+    move |e| TransferError::PeerDisconnected {
+        transfer,
+        received: 0,
+        expected: 0,
+        reason: format!("no verdict from the receiver: {e}"),
+    }
 }
 
 /// Reads the receiver's verdict: the verified checksum, or its error.
@@ -184,13 +202,18 @@ pub(crate) async fn read_reply<R: AsyncRead + Unpin>(
     r: &mut R,
     transfer: u64,
 ) -> Result<u64, TransferError> {
-    let lost = |e: std::io::Error| TransferError::PeerDisconnected {
-        transfer,
-        received: 0,
-        expected: 0,
-        reason: format!("no verdict from the receiver: {e}"),
-    };
-    match r.read_u8().await.map_err(lost)? {
+    let tag = r.read_u8().await.map_err(lost(transfer))?;
+    read_verdict(r, tag, transfer).await
+}
+
+/// Reads the rest of a verdict whose first byte was `tag`.
+pub(crate) async fn read_verdict<R: AsyncRead + Unpin>(
+    r: &mut R,
+    tag: u8,
+    transfer: u64,
+) -> Result<u64, TransferError> {
+    let lost = lost(transfer);
+    match tag {
         0 => r.read_u64_le().await.map_err(lost),
         _ => {
             let len = r.read_u32_le().await.map_err(lost)? as usize;

@@ -13,6 +13,7 @@ use tandem_engine::engine::{
 use tandem_engine::paths;
 use tandem_kv_transfer::local::LocalTransport;
 use tandem_kv_transfer::quic::{QuicListener, QuicPeer, QuicTransport};
+use tandem_kv_transfer::shm::{ShmListener, ShmTransport};
 use tandem_kv_transfer::tls::{ClusterCa, NodeIdentity};
 use tandem_kv_transfer::{
     KvReceiver, PendingTransfer, PieceBatch, Session, TransferDescriptor, TransferError,
@@ -241,6 +242,100 @@ fn tokens(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32).map(|i| 100 + (i * 7 + salt) % 5000).collect()
 }
 
+/// The faults every transport must survive, on `session` into engine `b`:
+/// a transfer nobody expects (refused; the real one lands after it on the
+/// same session), corrupted bytes (a checksum mismatch on both ends), and a
+/// stall past the deadline while a concurrent transfer lands. Each frees the
+/// reserved blocks.
+async fn transport_faults<S: Session>(b: &Engine, receiver: &KvReceiver, session: &S, salt: u32) {
+    let salt = salt * 10;
+    // A transfer nobody expects is refused.
+    let (mut desc, pending) = expect(b, receiver, tokens(64, salt + 1), DEADLINE);
+    let real = desc.transfer_id;
+    desc.transfer_id = 999_999;
+    let (batches, _) = synthetic(&desc, 1);
+    let w = session.open(&desc).await.expect("open");
+    let e = send_all(w, batches.clone(), None)
+        .await
+        .expect_err("refused");
+    assert_eq!(e, TransferError::UnknownTransfer { transfer: 999_999 });
+    // The real one still lands afterwards on the same session.
+    desc.transfer_id = real;
+    let w = session.open(&desc).await.expect("open");
+    send_all(w, batches, None).await.expect("sent");
+    let (res, _) = pending.wait().await.expect("received");
+    drop(res);
+    wait_blocks_used(b, 0).await;
+
+    // Corrupted bytes: the source's checksum does not match what landed.
+    let (desc, pending) = expect(b, receiver, tokens(64, salt + 2), DEADLINE);
+    let (mut batches, source_sum) = synthetic(&desc, 2);
+    batches[3].data[100] ^= 0x40;
+    let w = session.open(&desc).await.expect("open");
+    let e = send_all(w, batches, Some(source_sum))
+        .await
+        .expect_err("mismatch");
+    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
+    let e = pending.wait().await.expect_err("mismatch");
+    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
+    wait_blocks_used(b, 0).await;
+
+    // A stall past the deadline.
+    let (desc, pending) = expect(
+        b,
+        receiver,
+        tokens(64, salt + 3),
+        Duration::from_millis(800),
+    );
+    let (batches, _) = synthetic(&desc, 3);
+    let mut w = session.open(&desc).await.expect("open");
+    for batch in batches.iter().take(5).cloned() {
+        w.send(batch).await.expect("send");
+    }
+    // Meanwhile another transfer on the same session completes.
+    let (other_desc, other_pending) = expect(b, receiver, tokens(64, salt + 33), DEADLINE);
+    let other_w = session.open(&other_desc).await.expect("open");
+    send_all(other_w, synthetic(&other_desc, 33).0, None)
+        .await
+        .expect("a concurrent transfer lands");
+    drop(other_pending.wait().await.expect("received"));
+    let e = pending.wait().await.expect_err("deadline");
+    let blocks = desc.blocks.len();
+    assert!(
+        matches!(e, TransferError::DeadlineExceeded { received, .. } if received == 5 * blocks),
+        "{e}"
+    );
+    wait_blocks_used(b, 0).await;
+    let e = send_all(w, batches[5..].to_vec(), None)
+        .await
+        .expect_err("too late");
+    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
+}
+
+/// After a test's faults: one more transfer lands whole, nothing is left
+/// pending, and the receiver counted `failures` of the kinds unknown
+/// transfer, checksum, deadline and disconnect.
+async fn still_serving<S: Session>(
+    b: &Engine,
+    receiver: &KvReceiver,
+    session: &S,
+    failures: &[u64; 4],
+) {
+    let (desc, pending) = expect(b, receiver, tokens(64, 6), DEADLINE);
+    let (batches, sum) = synthetic(&desc, 6);
+    let w = session.open(&desc).await.expect("open");
+    send_all(w, batches, None).await.expect("sent");
+    let (res, report) = pending.wait().await.expect("received");
+    assert_eq!(report.checksum, sum);
+    drop(res);
+    wait_blocks_used(b, 0).await;
+    assert_eq!(receiver.pending(), 0);
+    let kinds = ["unknown_transfer", "checksum", "deadline", "disconnected"];
+    for (kind, &n) in kinds.iter().zip(failures) {
+        assert_eq!(receiver.metrics().failures(kind), n, "{kind} failures");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let b = engine(64);
@@ -256,62 +351,7 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let transport = QuicTransport::new(loopback(), &c.sender_id, sender).expect("client");
     let session = transport.connect(&peer).await.expect("connect");
 
-    // A transfer nobody expects is refused.
-    let (mut desc, pending) = expect(&b, &receiver, tokens(64, 1), DEADLINE);
-    let real = desc.transfer_id;
-    desc.transfer_id = 999_999;
-    let (batches, _) = synthetic(&desc, 1);
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches.clone(), None)
-        .await
-        .expect_err("refused");
-    assert_eq!(e, TransferError::UnknownTransfer { transfer: 999_999 });
-    // The real one still lands afterwards on the same connection.
-    desc.transfer_id = real;
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    let (res, _) = pending.wait().await.expect("received");
-    drop(res);
-    wait_blocks_used(&b, 0).await;
-
-    // Corrupted bytes: the source's checksum does not match what landed.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 2), DEADLINE);
-    let (mut batches, source_sum) = synthetic(&desc, 2);
-    batches[3].data[100] ^= 0x40;
-    let w = session.open(&desc).await.expect("open");
-    let e = send_all(w, batches, Some(source_sum))
-        .await
-        .expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    let e = pending.wait().await.expect_err("mismatch");
-    assert!(matches!(e, TransferError::ChecksumMismatch { .. }), "{e}");
-    wait_blocks_used(&b, 0).await;
-
-    // A stall past the deadline.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 3), Duration::from_millis(800));
-    let (batches, _) = synthetic(&desc, 3);
-    let mut w = session.open(&desc).await.expect("open");
-    for batch in batches.iter().take(5).cloned() {
-        w.send(batch).await.expect("send");
-    }
-    // Meanwhile another transfer on the same connection completes.
-    let (other_desc, other_pending) = expect(&b, &receiver, tokens(64, 33), DEADLINE);
-    let other_w = session.open(&other_desc).await.expect("open");
-    send_all(other_w, synthetic(&other_desc, 33).0, None)
-        .await
-        .expect("a concurrent transfer lands");
-    drop(other_pending.wait().await.expect("received"));
-    let e = pending.wait().await.expect_err("deadline");
-    let blocks = desc.blocks.len();
-    assert!(
-        matches!(e, TransferError::DeadlineExceeded { received, .. } if received == 5 * blocks),
-        "{e}"
-    );
-    wait_blocks_used(&b, 0).await;
-    let e = send_all(w, batches[5..].to_vec(), None)
-        .await
-        .expect_err("too late");
-    assert!(matches!(e, TransferError::DeadlineExceeded { .. }), "{e}");
+    transport_faults(&b, &receiver, &session, 1).await;
 
     // The connection drops mid-transfer.
     let (desc, pending) = expect(&b, &receiver, tokens(64, 4), DEADLINE);
@@ -363,23 +403,7 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     wait_blocks_used(&b, 0).await;
 
     // Through all of that the receiver kept serving.
-    let (desc, pending) = expect(&b, &receiver, tokens(64, 6), DEADLINE);
-    let (batches, sum) = synthetic(&desc, 6);
-    let w = session.open(&desc).await.expect("open");
-    send_all(w, batches, None).await.expect("sent");
-    let (res, report) = pending.wait().await.expect("received");
-    assert_eq!(report.checksum, sum);
-    drop(res);
-    wait_blocks_used(&b, 0).await;
-    assert_eq!(receiver.pending(), 0);
-    for (kind, n) in [
-        ("unknown_transfer", 1),
-        ("checksum", 1),
-        ("deadline", 2),
-        ("disconnected", 1),
-    ] {
-        assert_eq!(metrics.failures(kind), n, "{kind} failures");
-    }
+    still_serving(&b, &receiver, &session, &[1, 1, 2, 1]).await;
 }
 
 const CHILD_ENV: &str = "TANDEM_KVT_CHILD_SENDER";
@@ -389,8 +413,6 @@ const CHILD_ENV: &str = "TANDEM_KVT_CHILD_SENDER";
 /// and serves the next transfer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_killed_mid_transfer_is_a_disconnect() {
-    use tokio::io::AsyncBufReadExt;
-
     let b = engine(64);
     let c = cluster();
     let metrics = Arc::new(TransferMetrics::default());
@@ -406,28 +428,7 @@ async fn sender_killed_mid_transfer_is_a_disconnect() {
         "ca": files.ca, "cert": files.cert, "key": files.key,
         "desc": desc,
     });
-    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_sender_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, spec.to_string())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the sender");
-    let stdout = child.stdout.take().expect("child stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next_line().await.expect("child output");
-        match line {
-            Some(l) if l.contains("HALF SENT") => break,
-            Some(_) => {}
-            None => panic!("the sender exited before sending half"),
-        }
-    }
+    let mut child = half_sending_child(spec).await;
     // Its writes are out of the process once they have landed here.
     let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
     while metrics.snapshot().pieces_received < half {
@@ -471,17 +472,37 @@ fn child_sender_process() {
         return;
     };
     let spec: serde_json::Value = serde_json::from_str(&spec).expect("spec");
-    let path = |k: &str| std::path::PathBuf::from(spec[k].as_str().expect("path"));
-    let files = tandem_kv_transfer::tls::IdentityFiles {
-        ca: path("ca"),
-        cert: path("cert"),
-        key: path("key"),
-    };
-    let identity = NodeIdentity::from_files(&files).expect("identity from files");
     let desc: TransferDescriptor = serde_json::from_value(spec["desc"].clone()).expect("desc");
-    let addr: SocketAddr = spec["addr"].as_str().expect("addr").parse().expect("addr");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    if let Some(socket) = spec["socket"].as_str() {
+        rt.block_on(async {
+            let t = ShmTransport::new(Arc::default());
+            let mut w = t
+                .connect(std::path::Path::new(socket))
+                .await
+                .expect("connect")
+                .open(&desc)
+                .await
+                .expect("open");
+            let (batches, _) = synthetic(&desc, 9);
+            let half = batches.len() / 2;
+            for b in batches.into_iter().take(half) {
+                w.send(b).await.expect("send");
+            }
+            println!("HALF SENT");
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        });
+        return;
+    }
+    let addr: SocketAddr = spec["addr"].as_str().expect("addr").parse().expect("addr");
     rt.block_on(async {
+        let path = |k: &str| std::path::PathBuf::from(spec[k].as_str().expect("path"));
+        let files = tandem_kv_transfer::tls::IdentityFiles {
+            ca: path("ca"),
+            cert: path("cert"),
+            key: path("key"),
+        };
+        let identity = NodeIdentity::from_files(&files).expect("identity from files");
         let t = QuicTransport::new(loopback(), &identity, Arc::default()).expect("client");
         let peer = QuicPeer {
             addr,
@@ -502,4 +523,123 @@ fn child_sender_process() {
         println!("HALF SENT");
         tokio::time::sleep(Duration::from_secs(120)).await;
     });
+}
+
+/// Ring files this process created and left in the shared-memory directory.
+fn leftover_rings() -> Vec<String> {
+    let prefix = format!("tandem-kv-{}-", std::process::id());
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Spawns this test binary as a sender process (see `child_sender_process`)
+/// and waits until it has sent half of `desc`'s pieces.
+async fn half_sending_child(spec: serde_json::Value) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "child_sender_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, spec.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the sender");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next_line().await.expect("child output") {
+            Some(l) if l.contains("HALF SENT") => return child,
+            Some(_) => {}
+            None => panic!("the sender exited before sending half"),
+        }
+    }
+}
+
+/// The same-host path between processes: a real prefill's KV through shared
+/// memory decodes like the prefill engine; a 2,048-token transfer laps the
+/// ring several times; lanes are reused and no ring file is left behind; and
+/// the faults (unknown transfer, corrupted bytes, stall, sender killed, a
+/// hostile lane) each fail cleanly, free the blocks, and leave it serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_transfers_between_processes_and_survive_faults() {
+    let (a, b) = (engine(48), engine(64));
+    let dir = std::env::temp_dir().join(format!("tandem-kvt-shm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("decode.sock");
+    let metrics = Arc::new(TransferMetrics::default());
+    let receiver = KvReceiver::new(metrics.clone());
+    let _listener = ShmListener::bind(&socket, receiver.clone()).expect("bind");
+    let sent = Arc::new(TransferMetrics::default());
+    let transport = ShmTransport::new(sent.clone());
+    let session = transport.connect(&socket).await.expect("connect");
+
+    disaggregated(&a, &b, &receiver, &session).await;
+    wait_blocks_used(&b, 0).await;
+    let m = sent.snapshot();
+    assert_eq!((m.transfers_sent, m.shm_transfers_sent), (1, 1));
+    assert_eq!(m.bytes_sent, metrics.snapshot().bytes_received);
+
+    // A whole 2,048-token prompt's KV: more than the ring, so the sender waits
+    // for credits and the ring wraps.
+    let (desc, pending) = expect(&b, &receiver, tokens(2048, 1), DEADLINE);
+    assert!(desc.bytes() > 2 * tandem_kv_transfer::shm::RING_BYTES as u64);
+    let (batches, sum) = synthetic(&desc, 1);
+    let w = session.open(&desc).await.expect("open");
+    send_all(w, batches, Some(sum)).await.expect("sent");
+    let (res, report) = pending.wait().await.expect("received");
+    assert_eq!(report.checksum, sum);
+    drop(res);
+    wait_blocks_used(&b, 0).await;
+    assert!(leftover_rings().is_empty(), "{:?}", leftover_rings());
+
+    transport_faults(&b, &receiver, &session, 2).await;
+
+    // A sender process killed mid-transfer: a disconnect.
+    let (desc, pending) = expect(&b, &receiver, tokens(64, 5), DEADLINE);
+    let before = metrics.snapshot().pieces_received;
+    let mut child = half_sending_child(serde_json::json!({
+        "socket": socket, "desc": desc,
+    }))
+    .await;
+    let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
+    while metrics.snapshot().pieces_received < before + half {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().await.expect("kill the sender");
+    let e = pending.wait().await.expect_err("disconnect");
+    assert!(
+        matches!(e, TransferError::PeerDisconnected { received, expected, .. } if received > 0 && received < expected),
+        "{e}"
+    );
+    wait_blocks_used(&b, 0).await;
+
+    // A lane that names a file outside the shared-memory directory is refused.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::UnixStream::connect(&socket)
+            .await
+            .expect("connect");
+        let name = b"/etc/passwd";
+        let mut hello = b"TSHM".to_vec();
+        hello.extend_from_slice(&4096u64.to_le_bytes());
+        hello.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        hello.extend_from_slice(name);
+        s.write_all(&hello).await.expect("hello");
+        assert_eq!(s.read_u8().await.expect("reply"), 1, "refused");
+    }
+
+    // Through all of that the receiver kept serving, on a reused lane.
+    still_serving(&b, &receiver, &session, &[1, 1, 1, 1]).await;
+    assert!(leftover_rings().is_empty(), "{:?}", leftover_rings());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,15 +2,19 @@
 //! reserved blocks.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_engine::engine::{KvStream, Request, TokenEvent, Usage};
-use tandem_kv_transfer::quic::{QuicPeer, QuicTransport};
-use tandem_kv_transfer::{Session, TransferDescriptor, TransferError, Transport, send_kv_stream};
-use tandem_protocol::grpc::worker::{PrefillRequest, PrefillResponse};
+use tandem_engine::engine::{KvChunk, KvStream, Request, TokenEvent, Usage};
+use tandem_kv_transfer::quic::{QuicPeer, QuicSession, QuicTransport};
+use tandem_kv_transfer::shm::{self, ShmTransport, ShmWriter};
+use tandem_kv_transfer::{
+    Session, TransferDescriptor, TransferError, TransferReport, Transport, send_kv_stream,
+};
+use tandem_protocol::grpc::worker::{KvEndpoint, PrefillRequest, PrefillResponse};
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -19,10 +23,13 @@ use crate::runtime::{EngineRequestGuard, RoleService, Worker, engine_status};
 /// The transfer deadline when the caller gives none.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
-/// The prefill role: one QUIC client endpoint, one connection per decode worker.
+/// The prefill role: one QUIC client endpoint, one connection per decode
+/// worker; shared-memory lanes to decode workers on this host.
 pub(crate) struct PrefillService {
     worker: Arc<Worker>,
     transport: QuicTransport,
+    shm: ShmTransport,
+    host: String,
 }
 
 impl PrefillService {
@@ -33,7 +40,57 @@ impl PrefillService {
             worker.transfer_metrics.clone(),
         )
         .context("starting the KV transfer client")?;
-        Ok(Self { worker, transport })
+        Ok(Self {
+            shm: ShmTransport::new(worker.transfer_metrics.clone()),
+            host: shm::host_id(),
+            worker,
+            transport,
+        })
+    }
+
+    /// A writer into `desc`'s blocks: through shared memory when the decode
+    /// worker is on this host and offers it, else over QUIC. A same-host path
+    /// that cannot be reached (another mount namespace, say) falls back.
+    async fn open(
+        &self,
+        endpoint: &KvEndpoint,
+        desc: &TransferDescriptor,
+    ) -> Result<Writer, TransferError> {
+        if !endpoint.local_socket.is_empty() && endpoint.host == self.host {
+            let socket = Path::new(&endpoint.local_socket);
+            let opened = async { self.shm.connect(socket).await?.open(desc).await }.await;
+            match opened {
+                Ok(w) => return Ok(Writer::Shm(w)),
+                Err(e @ TransferError::Connect { .. }) => {
+                    tracing::warn!(error = %e, "same-host KV path unavailable, using QUIC");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let peer = QuicPeer {
+            addr: resolve(&endpoint.addr).await?,
+            server_name: endpoint.server_name.clone(),
+        };
+        let session = self.transport.connect(&peer).await?;
+        Ok(Writer::Quic(session.open(desc).await?))
+    }
+}
+
+/// The writer of one transfer, on whichever path it took.
+enum Writer {
+    Quic(<QuicSession as Session>::Writer),
+    Shm(ShmWriter),
+}
+
+impl Writer {
+    async fn send(
+        self,
+        chunks: mpsc::UnboundedReceiver<KvChunk>,
+    ) -> Result<TransferReport, TransferError> {
+        match self {
+            Writer::Quic(w) => send_kv_stream(w, chunks).await,
+            Writer::Shm(w) => send_kv_stream(w, chunks).await,
+        }
     }
 }
 
@@ -45,8 +102,11 @@ fn transfer_status(e: TransferError) -> Status {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, Status> {
-    let bad = |why: String| Status::invalid_argument(format!("KV endpoint {addr:?}: {why}"));
+async fn resolve(addr: &str) -> Result<SocketAddr, TransferError> {
+    let bad = |reason: String| TransferError::Connect {
+        peer: addr.to_string(),
+        reason,
+    };
     tokio::net::lookup_host(addr)
         .await
         .map_err(|e| bad(e.to_string()))?
@@ -86,22 +146,13 @@ impl RoleService for PrefillService {
         let endpoint = req
             .endpoint
             .ok_or_else(|| Status::invalid_argument("the KV endpoint is missing"))?;
-        let peer = QuicPeer {
-            addr: resolve(&endpoint.addr).await?,
-            server_name: endpoint.server_name,
-        };
         let deadline = match req.deadline_ms {
             0 => DEFAULT_DEADLINE,
             ms => Duration::from_millis(ms.into()),
         };
         let prompt_tokens = req.tokens.len() as u64;
         let work = async {
-            let session = self
-                .transport
-                .connect(&peer)
-                .await
-                .map_err(transfer_status)?;
-            let writer = session.open(&desc).await.map_err(transfer_status)?;
+            let writer = self.open(&endpoint, &desc).await.map_err(transfer_status)?;
             let (tx, rx) = mpsc::unbounded_channel();
             let mut request = Request::new(req.tokens, 1);
             request.kv_stream = Some(KvStream {
@@ -111,7 +162,7 @@ impl RoleService for PrefillService {
             let handle = engine.submit(request).map_err(|e| engine_status(&e))?;
             // The caller going away (the Prefill call dropped) cancels the prefill.
             let mut guard = EngineRequestGuard::new(engine.clone(), handle.id);
-            let report = send_kv_stream(writer, rx).await.map_err(transfer_status)?;
+            let report = writer.send(rx).await.map_err(transfer_status)?;
             let usage = usage(handle.events).await?;
             guard.disarm();
             Ok::<_, Status>(PrefillResponse {

@@ -249,11 +249,11 @@ async fn disaggregation_always_names_the_prefill_worker_and_never_names_none() {
 async fn failures_before_the_first_token_are_retried_and_after_it_reported() {
     let store = TestStore::start().await;
     // A registered worker nobody listens at, one that fails, one that works.
-    let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    // Bound but never listening: connecting is refused, and no other test
+    // can take the port over while this one runs.
+    let gone = tokio::net::TcpSocket::new_v4().expect("socket");
+    gone.bind(([127, 0, 0, 1], 0).into()).expect("bind");
     let dead_url = format!("http://{}", gone.local_addr().expect("address"));
-    drop(gone);
     store
         .register_at("dead", &dead_url, Role::Decode, WorkerState::Serving)
         .await;
