@@ -28,6 +28,7 @@ const PRELUDE: &str = r#"
 #include <thread>
 #include <vector>
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static

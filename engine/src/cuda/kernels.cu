@@ -5,6 +5,10 @@
 // conversions and dp4a are written with inline PTX, and everything else is
 // built in to NVRTC (warp shuffles, float and double math).
 //
+// Every entry point declares the block size it is launched with
+// (__launch_bounds__), so the compiler never uses more registers than such a
+// block can have.
+//
 // Conventions, shared with src/cuda/mod.rs (which launches every entry point
 // below and whose tests check that each one is declared here):
 // - activations are f32, row-major: token t's row of `cols` at x[t * cols];
@@ -152,7 +156,7 @@ __device__ __forceinline__ float dequant(int ty, const u8* row, i64 i) {
 // ---------------------------------------------------------------------------
 // Activation quantization: one warp per 32-element block.
 
-extern "C" __global__ void quantize_q8(const float* __restrict__ x, Q8Act* __restrict__ out,
+extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* __restrict__ x, Q8Act* __restrict__ out,
                                        int n_blocks) {
     int blk = (int)((blockIdx.x * blockDim.x + threadIdx.x) / WARP);
     int lane = threadIdx.x % WARP;
@@ -273,32 +277,32 @@ __device__ __forceinline__ void mm_f(const u8* __restrict__ w, const float* __re
     }
 }
 
-extern "C" __global__ void mm_q4_0(const u8* w, const Q8Act* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_q4_0(const u8* w, const Q8Act* x, float* out, int rows, int cols,
                                    int n) {
     mm_q<TY_Q4_0>(w, x, out, rows, cols, n);
 }
 
-extern "C" __global__ void mm_q4_1(const u8* w, const Q8Act* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_q4_1(const u8* w, const Q8Act* x, float* out, int rows, int cols,
                                    int n) {
     mm_q<TY_Q4_1>(w, x, out, rows, cols, n);
 }
 
-extern "C" __global__ void mm_q8_0(const u8* w, const Q8Act* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_q8_0(const u8* w, const Q8Act* x, float* out, int rows, int cols,
                                    int n) {
     mm_q<TY_Q8_0>(w, x, out, rows, cols, n);
 }
 
-extern "C" __global__ void mm_f32(const u8* w, const float* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_f32(const u8* w, const float* x, float* out, int rows, int cols,
                                   int n) {
     mm_f<TY_F32>(w, x, out, rows, cols, n);
 }
 
-extern "C" __global__ void mm_f16(const u8* w, const float* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_f16(const u8* w, const float* x, float* out, int rows, int cols,
                                   int n) {
     mm_f<TY_F16>(w, x, out, rows, cols, n);
 }
 
-extern "C" __global__ void mm_bf16(const u8* w, const float* x, float* out, int rows, int cols,
+extern "C" __global__ void __launch_bounds__(128) mm_bf16(const u8* w, const float* x, float* out, int rows, int cols,
                                    int n) {
     mm_f<TY_BF16>(w, x, out, rows, cols, n);
 }
@@ -308,7 +312,7 @@ extern "C" __global__ void mm_bf16(const u8* w, const float* x, float* out, int 
 
 // One block per token: its embedding row, dequantized. Token ids past the
 // vocabulary are clamped to the last row, as on the CPU.
-extern "C" __global__ void embed(const u8* __restrict__ table, int ty, i64 row_bytes,
+extern "C" __global__ void __launch_bounds__(256) embed(const u8* __restrict__ table, int ty, i64 row_bytes,
                                  const u32* __restrict__ tokens, float* __restrict__ x, int d,
                                  int vocab) {
     int t = blockIdx.x;
@@ -319,7 +323,7 @@ extern "C" __global__ void embed(const u8* __restrict__ table, int ty, i64 row_b
 }
 
 // One block per row: out = x / rms(x) * w, the sum of squares in f64 as on the CPU.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ out, int d, float eps) {
     __shared__ double partial[32];
     __shared__ float scale_s;
@@ -349,21 +353,21 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 }
 
 // x[r * dim + i] += bias[i] for every row (Qwen2's q/k/v biases).
-extern "C" __global__ void add_bias(float* __restrict__ x, const float* __restrict__ bias,
+extern "C" __global__ void __launch_bounds__(256) add_bias(float* __restrict__ x, const float* __restrict__ bias,
                                     i64 total, int dim) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += bias[i % dim];
 }
 
 // x += y (the residual stream).
-extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ y,
+extern "C" __global__ void __launch_bounds__(256) add_inplace(float* __restrict__ x, const float* __restrict__ y,
                                        i64 total) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += y[i];
 }
 
 // out = silu(gate) * up.
-extern "C" __global__ void silu_mul(const float* __restrict__ gate, const float* __restrict__ up,
+extern "C" __global__ void __launch_bounds__(256) silu_mul(const float* __restrict__ gate, const float* __restrict__ up,
                                     float* __restrict__ out, i64 total) {
     i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) {
@@ -376,7 +380,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gate, const float*
 // way: angle = pos * inv_freq[i] in f64, then cos/sin rounded to f32. `neox`
 // pairs element i with i + half (Qwen2); otherwise 2i with 2i + 1 (Llama).
 // One block per token.
-extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ pos,
+extern "C" __global__ void __launch_bounds__(256) rope(float* __restrict__ x, const int* __restrict__ pos,
                                 const double* __restrict__ inv_freq, int n_heads, int hd,
                                 int half, int neox) {
     int t = blockIdx.x;
@@ -398,7 +402,7 @@ extern "C" __global__ void rope(float* __restrict__ x, const int* __restrict__ p
 
 // Writes each token's K and V (f32 rows of kv_dim) into its slot of the pool as
 // f16. dst[t] is the element offset of the token's slot in layer 0's K.
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+extern "C" __global__ void __launch_bounds__(256) kv_write(const float* __restrict__ k, const float* __restrict__ v,
                                     u16* __restrict__ pool, const i64* __restrict__ dst,
                                     i64 layer_off, i64 half_elems, int kv_dim) {
     int t = blockIdx.x;
@@ -410,7 +414,7 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 }
 
 // out[i] = x[rows[i]] (the rows whose logits are wanted).
-extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ rows,
+extern "C" __global__ void __launch_bounds__(256) gather_rows(const float* __restrict__ x, const int* __restrict__ rows,
                                        float* __restrict__ out, int d) {
     int r = blockIdx.x;
     const float* src = x + (i64)rows[r] * d;
@@ -481,7 +485,7 @@ __device__ __forceinline__ void load_q(float (&qr)[MAX_GROUP][MAX_LANE_ELEMS], c
 // decoding sequence), grid (n_kv_heads, n_list). The block's warps split the
 // keys, each keeping its own online softmax; the warps' states are merged at
 // the end through shared memory.
-extern "C" __global__ void attn_decode(const float* __restrict__ q, const u16* __restrict__ pool,
+extern "C" __global__ void __launch_bounds__(ATTN_DECODE_WARPS * WARP) attn_decode(const float* __restrict__ q, const u16* __restrict__ pool,
                                        float* __restrict__ out, const int* __restrict__ list,
                                        const int* __restrict__ pos,
                                        const int* __restrict__ table_off,
@@ -547,7 +551,7 @@ extern "C" __global__ void attn_decode(const float* __restrict__ q, const u16* _
 // hd f16), read once from the pool for all its tokens and heads; each token
 // stops at its own position (causal), which covers the sequence's earlier
 // cached blocks and the chunk's own new ones alike.
-extern "C" __global__ void attn_prefill(const float* __restrict__ q, const u16* __restrict__ pool,
+extern "C" __global__ void __launch_bounds__(ATTN_PREFILL_TOKENS * WARP) attn_prefill(const float* __restrict__ q, const u16* __restrict__ pool,
                                         float* __restrict__ out, const int* __restrict__ tiles,
                                         const int* __restrict__ pos,
                                         const int* __restrict__ table_off,

@@ -11,6 +11,12 @@ fn declared_kernels() -> BTreeSet<String> {
     let mut rest = KERNELS_CU;
     while let Some(at) = rest.find("extern \"C\" __global__ void ") {
         rest = &rest[at + "extern \"C\" __global__ void ".len()..];
+        if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+            let close = after
+                .find(") ")
+                .expect("__launch_bounds__(N) then the name");
+            rest = &after[close + 2..];
+        }
         let name: String = rest
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -201,6 +207,7 @@ fn nvrtc_is_looked_for_under_the_cuda_13_name_first() {
 /// CUDA's builtins as plain C++ declarations, so a host compiler can check
 /// kernels.cu's syntax and types (not its semantics) where there is no nvcc.
 const HOST_PRELUDE: &str = r#"#define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__
