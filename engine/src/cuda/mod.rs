@@ -139,10 +139,16 @@ pub fn probe(ordinal: usize) -> Result<(), CudaError> {
 
 /// The driver library names cudarc tries.
 fn driver_candidates() -> Vec<String> {
-    ["cuda", "nvcuda"]
+    let mut names: Vec<String> = Vec::new();
+    for n in ["cuda", "nvcuda"]
         .iter()
         .flat_map(|l| cudarc::get_lib_name_candidates(l))
-        .collect()
+    {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
 }
 
 /// Logs a device failure met where the [`Backend`] interface has no error
