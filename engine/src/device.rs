@@ -28,7 +28,7 @@ pub enum DeviceError {
     Parse(String),
     #[error(
         "this build has no CUDA support; rebuild with `cargo build --release --features cuda` \
-         (the tandem, tandem-prefill and tandem-decode packages all forward the feature)"
+         (the tandem, tandem-prefill-worker and tandem-decode-worker packages forward it)"
     )]
     CudaNotBuilt,
     #[cfg(feature = "cuda")]
