@@ -181,6 +181,10 @@ struct UpArgs {
     /// Where the cluster keeps its files (default: the cache's clusters/NAME).
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// The device every worker runs on: cpu, cuda or cuda:N (cuda needs a build
+    /// with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: Device,
     /// Extra arguments passed to every worker (e.g. `--worker-arg=--kv-blocks=512`).
     #[arg(long = "worker-arg", allow_hyphen_values = true)]
     worker_args: Vec<String>,
@@ -392,7 +396,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             threads: a.threads,
             api_keys: a.api_keys,
             run_dir: a.run_dir,
-            worker_args: a.worker_args,
+            worker_args: match a.device {
+                Device::Cpu => a.worker_args,
+                d => [vec![format!("--device={d}")], a.worker_args].concat(),
+            },
             autoscale: a.autoscale,
         })?,
         Command::Tls {
