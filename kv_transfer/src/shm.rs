@@ -36,6 +36,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering, fence};
@@ -384,8 +385,17 @@ impl Lane {
             .map_err(|e| fail(format!("creating {shown}: {e}")))?;
         // The file is only a name for the receiver to map by: gone once it has.
         let shared = async {
-            file.set_len(ring_len as u64)
-                .map_err(|e| format!("sizing {shown}: {e}"))?;
+            // Reserve the memory now: a full /dev/shm (containers often get
+            // 64 MiB) is then a clear error here, where the caller can take
+            // another path, instead of SIGBUS when the ring is first written.
+            // SAFETY: a plain system call on a file descriptor we own.
+            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, ring_len as libc::off_t) };
+            if rc != 0 {
+                return Err(format!(
+                    "reserving {ring_len} bytes for {shown}: {}",
+                    std::io::Error::from_raw_os_error(rc)
+                ));
+            }
             let ring = MmapOptions::new()
                 .len(ring_len)
                 .map_raw(&file)
