@@ -40,7 +40,7 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// List the workers with their role, state and load.
     Workers {
-        /// Print `{"workers": [...]}` (each with `id`, `role`, `state`, load fields).
+        /// Print a JSON list of the workers (each with `id`, `role`, `state`, addresses, load).
         #[arg(long)]
         json: bool,
     },
@@ -167,7 +167,8 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Workers { json } => {
             let v = admin.call(reqwest::Method::GET, "/workers")?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                // A list of worker objects (`id`, `role`, `state`, addresses, load).
+                println!("{}", serde_json::to_string_pretty(&v["workers"])?);
             } else {
                 print_workers(&v);
             }

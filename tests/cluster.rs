@@ -516,7 +516,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let listed: Value = serde_json::from_str(&ctl(&["workers", "--json"])).expect("JSON");
-    let survivor = listed["workers"]
+    let survivor = listed
         .as_array()
         .expect("workers")
         .iter()
