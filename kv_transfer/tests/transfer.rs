@@ -477,20 +477,14 @@ fn child_sender_process() {
     if let Some(socket) = spec["socket"].as_str() {
         rt.block_on(async {
             let t = ShmTransport::new(Arc::default());
-            let mut w = t
+            let w = t
                 .connect(std::path::Path::new(socket))
                 .await
                 .expect("connect")
                 .open(&desc)
                 .await
                 .expect("open");
-            let (batches, _) = synthetic(&desc, 9);
-            let half = batches.len() / 2;
-            for b in batches.into_iter().take(half) {
-                w.send(b).await.expect("send");
-            }
-            println!("HALF SENT");
-            tokio::time::sleep(Duration::from_secs(120)).await;
+            send_half_then_wait(w, &desc).await;
         });
         return;
     }
@@ -508,21 +502,27 @@ fn child_sender_process() {
             addr,
             server_name: "decode-0".into(),
         };
-        let mut w = t
+        let w = t
             .connect(&peer)
             .await
             .expect("connect")
             .open(&desc)
             .await
             .expect("open");
-        let (batches, _) = synthetic(&desc, 9);
-        let half = batches.len() / 2;
-        for b in batches.into_iter().take(half) {
-            w.send(b).await.expect("send");
-        }
-        println!("HALF SENT");
-        tokio::time::sleep(Duration::from_secs(120)).await;
+        send_half_then_wait(w, &desc).await;
     });
+}
+
+/// The child sender's part: half of `desc`'s pieces, a line saying so, then
+/// nothing until it is killed.
+async fn send_half_then_wait<W: TransferWriter>(mut w: W, desc: &TransferDescriptor) {
+    let (batches, _) = synthetic(desc, 9);
+    let half = batches.len() / 2;
+    for b in batches.into_iter().take(half) {
+        w.send(b).await.expect("send");
+    }
+    println!("HALF SENT");
+    tokio::time::sleep(Duration::from_secs(120)).await;
 }
 
 /// Ring files this process created and left in the shared-memory directory.
