@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_frontend;
 pub mod bench_router;
 pub mod bench_serve;
+pub mod bench_stream;
 pub mod bench_transfer;
 pub mod certs;
 pub mod connector_local;

@@ -141,6 +141,16 @@ enum BenchCommand {
         /// Timed transfers per size and path.
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
+        /// Between two real engines instead: engine A prefills a prompt and
+        /// streams its KV into blocks engine B reserved (shared memory, QUIC).
+        #[arg(long)]
+        engines: bool,
+        /// With --engines: the engines' device (cpu, cuda, cuda:N).
+        #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+        device: Device,
+        /// With --engines: prompt tokens per prefill.
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
     },
     /// Router speed: decision time, KV event ingestion, index memory.
     Router(tandem::bench_router::RouterBenchArgs),
@@ -376,6 +386,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     model,
                     json,
                     repetitions,
+                    engines: true,
+                    device,
+                    tokens,
+                },
+        } => {
+            let opts = tandem::bench_stream::StreamBenchOptions {
+                model: model.resolve()?,
+                device,
+                tokens,
+                repetitions,
+                json,
+            };
+            tandem::bench_stream::run(&opts)?;
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Transfer {
+                    model,
+                    json,
+                    repetitions,
+                    ..
                 },
         } => {
             let opts = tandem::bench_transfer::TransferBenchOptions {
