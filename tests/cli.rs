@@ -99,10 +99,48 @@ fn corrupt_model_is_a_clear_error() {
 #[test]
 fn bench_transfer_json_reports_every_path() {
     let out = run_json(tandem().args(["bench", "transfer", "--json", "--repetitions", "1"]));
-    for key in ["quic_gbps", "tcp_gbps", "local_gbps", "memcpy_gbps"] {
+    for key in [
+        "quic_gbps",
+        "tcp_gbps",
+        "local_gbps",
+        "shm_gbps",
+        "memcpy_gbps",
+    ] {
         let v = out[key].as_f64().unwrap_or(0.0);
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert_eq!(out["cases"].as_array().map(Vec::len), Some(2));
     assert_eq!(out["cases"][1]["bytes"], 256 << 20);
+}
+
+/// `bench transfer --engines`: a real prefill's KV streams from one engine into
+/// the other over each path, and every figure comes from a verified transfer.
+#[test]
+fn bench_transfer_between_engines_streams_a_real_prefill() {
+    let out = run_json(tandem().args([
+        "bench",
+        "transfer",
+        "--engines",
+        "--tokens",
+        "100",
+        "--repetitions",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(out["device"], "cpu");
+    assert!(out["prefill_ms"].as_f64().is_some_and(|v| v > 0.0), "{out}");
+    let paths = out["paths"].as_array().expect("paths");
+    let names: Vec<&str> = paths.iter().filter_map(|p| p["path"].as_str()).collect();
+    assert_eq!(names, ["shm", "quic"]);
+    for p in paths {
+        // 100 tokens: 7 blocks of 16, every layer of each.
+        assert_eq!(p["bytes"], 7 * 30 * 12_288, "{p}");
+        let (total, exposed) = (p["total_ms"].as_f64(), p["exposed_ms"].as_f64());
+        assert!(
+            total
+                .zip(exposed)
+                .is_some_and(|(t, e)| t > 0.0 && e >= 0.0 && e <= t),
+            "{p}"
+        );
+    }
 }
