@@ -7,7 +7,6 @@
 //! verified verdict, and the part of it that the prefill's compute did not hide
 //! (verdict minus the end of A's prefill), beside the prefill alone.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,12 +15,11 @@ use anyhow::Context;
 use serde::Serialize;
 use tandem_engine::device::Device;
 use tandem_engine::engine::{Engine, EngineConfig, KvStream, Request, RequestHandle, TokenEvent};
-use tandem_kv_transfer::quic::{QuicListener, QuicPeer, QuicTransport};
-use tandem_kv_transfer::shm::{ShmListener, ShmTransport};
-use tandem_kv_transfer::tls::ClusterCa;
 use tandem_kv_transfer::{
-    KvReceiver, Session, TransferDescriptor, TransferMetrics, Transport, send_kv_stream,
+    KvReceiver, Session, TransferDescriptor, TransferMetrics, send_kv_stream,
 };
+
+use crate::bench_transfer::HostPaths;
 
 /// Options of `tandem bench transfer --engines`.
 #[derive(Debug, Clone)]
@@ -146,22 +144,8 @@ async fn measure(
 
     let metrics = Arc::new(TransferMetrics::default());
     let receiver = KvReceiver::new(metrics.clone());
-    let dir = std::env::temp_dir().join(format!("tandem-bench-stream-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let shm_listener = ShmListener::bind(dir.join("kv.sock"), receiver.clone())?;
-    let shm_transport = ShmTransport::new(metrics.clone());
-    let shm = shm_transport.connect(shm_listener.path()).await?;
-    let ca = ClusterCa::generate("tandem bench CA")?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let quic_listener = QuicListener::bind(loopback, &ca.issue(&["decode-0"])?, receiver.clone())?;
-    // Held to the end: dropping a transport closes its endpoint.
-    let quic_transport = QuicTransport::new(loopback, &ca.issue(&["prefill-0"])?, metrics.clone())?;
-    let quic = quic_transport
-        .connect(&QuicPeer {
-            addr: quic_listener.local_addr()?,
-            server_name: "decode-0".into(),
-        })
-        .await?;
+    let on_host = HostPaths::open(&receiver, &metrics).await?;
+    let (shm, quic) = (&on_host.shm, &on_host.quic);
 
     let mut paths = Vec::new();
     for path in ["shm", "quic"] {
@@ -200,8 +184,6 @@ async fn measure(
             bytes,
         });
     }
-    drop(shm_listener);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(StreamBenchReport {
         model: a.model_config().name.clone(),
         device: opts.device.to_string(),

@@ -17,8 +17,8 @@ use serde::Serialize;
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::kv_cache::{BlockId, KvLayout};
 use tandem_kv_transfer::local::LocalTransport;
-use tandem_kv_transfer::quic::{QuicListener, QuicPeer, QuicTransport};
-use tandem_kv_transfer::shm::{ShmListener, ShmTransport};
+use tandem_kv_transfer::quic::{QuicListener, QuicPeer, QuicSession, QuicTransport};
+use tandem_kv_transfer::shm::{ShmListener, ShmSession, ShmTransport};
 use tandem_kv_transfer::tls::ClusterCa;
 use tandem_kv_transfer::{
     BlockSink, DType, KvReceiver, MemoryPool, PieceBatch, Session, StreamWriter,
@@ -230,42 +230,25 @@ async fn run_case(
     pool = p;
     paths.push(summarize("local", desc.bytes(), &times));
 
-    let dir = scratch_dir()?;
-    let shm_listener = ShmListener::bind(dir.join("kv.sock"), receiver.clone())?;
-    let shm = ShmTransport::new(metrics.clone())
-        .connect(shm_listener.path())
-        .await
-        .context("shared-memory session")?;
+    let on_host = HostPaths::open(&receiver, &metrics).await?;
     let (times, p) = timed(reps, pool, &src, &receiver, &mut desc, deadline, |d| {
-        let s = shm.clone();
+        let s = on_host.shm.clone();
         async move { s.open(&d).await }
     })
     .await?;
     pool = p;
-    drop(shm_listener);
-    let _ = std::fs::remove_dir_all(&dir);
     paths.push(summarize("shm", desc.bytes(), &times));
-
-    let ca = ClusterCa::generate("tandem bench CA")?;
-    let server_id = ca.issue(&["decode-0"])?;
-    let client_id = ca.issue(&["prefill-0"])?;
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let listener = QuicListener::bind(loopback, &server_id, receiver.clone())?;
-    let transport = QuicTransport::new(loopback, &client_id, metrics.clone())?;
-    let peer = QuicPeer {
-        addr: listener.local_addr()?,
-        server_name: "decode-0".into(),
-    };
-    let session = transport.connect(&peer).await.context("QUIC connect")?;
     let (times, p) = timed(reps, pool, &src, &receiver, &mut desc, deadline, |d| {
-        let s = session.clone();
+        let s = on_host.quic.clone();
         async move { s.open(&d).await }
     })
     .await?;
     pool = p;
     paths.push(summarize("quic", desc.bytes(), &times));
-    let stats = session.stats();
+    let stats = on_host.quic.stats();
+    drop(on_host);
 
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
     let tcp = tokio::net::TcpListener::bind(loopback).await?;
     let tcp_addr = tcp.local_addr()?;
     let serving = receiver.clone();
@@ -306,16 +289,61 @@ async fn run_case(
     })
 }
 
-/// A fresh private directory for the benchmark's socket.
-fn scratch_dir() -> anyhow::Result<PathBuf> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "tandem-bench-transfer-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+/// A receiver's same-host endpoints, each with a sender's session to it: the
+/// shared-memory socket (in a private scratch directory) and QUIC with mutual
+/// TLS on loopback. Both transfer benchmarks send through these.
+pub(crate) struct HostPaths {
+    pub shm: ShmSession,
+    pub quic: QuicSession,
+    dir: PathBuf,
+    _shm: ShmListener,
+    _quic: (QuicListener, QuicTransport),
+}
+
+impl HostPaths {
+    pub(crate) async fn open(
+        receiver: &Arc<KvReceiver>,
+        metrics: &Arc<TransferMetrics>,
+    ) -> anyhow::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tandem-bench-transfer-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let shm_listener = ShmListener::bind(dir.join("kv.sock"), receiver.clone())?;
+        let shm = ShmTransport::new(metrics.clone())
+            .connect(shm_listener.path())
+            .await
+            .context("shared-memory session")?;
+
+        let ca = ClusterCa::generate("tandem bench CA")?;
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listener = QuicListener::bind(loopback, &ca.issue(&["decode-0"])?, receiver.clone())?;
+        // Held with the session: dropping the transport closes its endpoint.
+        let transport = QuicTransport::new(loopback, &ca.issue(&["prefill-0"])?, metrics.clone())?;
+        let quic = transport
+            .connect(&QuicPeer {
+                addr: listener.local_addr()?,
+                server_name: "decode-0".into(),
+            })
+            .await
+            .context("QUIC connect")?;
+        Ok(Self {
+            shm,
+            quic,
+            dir,
+            _shm: shm_listener,
+            _quic: (listener, transport),
+        })
+    }
+}
+
+impl Drop for HostPaths {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs `reps + 1` transfers of `src` into `pool` (the first a warm-up) and

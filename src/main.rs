@@ -386,35 +386,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     model,
                     json,
                     repetitions,
-                    engines: true,
+                    engines,
                     device,
                     tokens,
                 },
         } => {
-            let opts = tandem::bench_stream::StreamBenchOptions {
-                model: model.resolve()?,
-                device,
-                tokens,
-                repetitions,
-                json,
-            };
-            tandem::bench_stream::run(&opts)?;
-        }
-        Command::Bench {
-            command:
-                BenchCommand::Transfer {
+            let model = model.resolve()?;
+            if engines {
+                tandem::bench_stream::run(&tandem::bench_stream::StreamBenchOptions {
+                    model,
+                    device,
+                    tokens,
+                    repetitions,
+                    json,
+                })?;
+            } else {
+                tandem::bench_transfer::transfer(&tandem::bench_transfer::TransferBenchOptions {
                     model,
                     json,
                     repetitions,
-                    ..
-                },
-        } => {
-            let opts = tandem::bench_transfer::TransferBenchOptions {
-                model: model.resolve()?,
-                json,
-                repetitions,
-            };
-            tandem::bench_transfer::transfer(&opts)?;
+                })?;
+            }
         }
         Command::Sim(a) => tandem::sim::run(&a)?,
         Command::Up(a) => tandem::up::run(tandem::up::UpOptions {
