@@ -18,28 +18,10 @@ use tandem::up::ClusterFile;
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_protocol::{InstanceInfo, Role, keys};
 
+mod common;
+use common::{free_port, model_path, signal};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tandem");
-
-fn model_path() -> String {
-    tandem_engine::paths::test_model_path()
-        .display()
-        .to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
 
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.

@@ -21,22 +21,11 @@ use tandem::up::ClusterFile;
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_protocol::{InstanceInfo, Role, keys};
 
+mod common;
+use common::{free_port, model_path, signal};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const MODEL: &str = "SmolLM2-135M-Instruct";
-
-fn model_path() -> String {
-    tandem_engine::paths::test_model_path()
-        .display()
-        .to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A `tandem up` cluster in a temporary run directory, stopped on drop.
 struct Cluster {
@@ -224,13 +213,6 @@ impl Drop for Stopped {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
     }
 }
 

@@ -11,16 +11,11 @@ use std::time::{Duration, Instant};
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_protocol::{Desired, PlannerDecision, Role, keys};
 
+mod common;
+use common::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const CLUSTER: &str = "ctl-test";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// A child process, killed if the test ends early.
 struct Proc(Child);

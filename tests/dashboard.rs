@@ -16,27 +16,15 @@ use tandem::up::ClusterFile;
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_protocol::{InstanceInfo, Role, keys};
 
+mod common;
+use common::{free_port, signal};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const MODEL: &str = "SmolLM2-135M-Instruct";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The W3C WebDriver key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
 
 /// Polls `f` every 200 ms until it returns `Some`, failing with `what` (and the
 /// last thing `last` says) after `limit`.
