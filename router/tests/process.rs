@@ -532,7 +532,7 @@ async fn routing_goes_on_while_the_store_is_unreachable_and_catches_up_after() {
     let router = TestRouter::start(a).await;
     router.wait_for_decode_workers(1).await;
 
-    link.cut();
+    link.cut().await;
     // A worker joins while the router cannot see the store.
     store.register(&d1, Role::Decode).await;
     for _ in 0..3 {

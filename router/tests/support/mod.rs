@@ -385,6 +385,8 @@ pub struct StoreLink {
     addr: SocketAddr,
     upstream: SocketAddr,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The forwarded connections, cut by `cut`.
+    conns: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl StoreLink {
@@ -401,6 +403,7 @@ impl StoreLink {
             addr,
             upstream,
             task: Mutex::new(None),
+            conns: Arc::default(),
         };
         link.serve(listener);
         link
@@ -408,11 +411,10 @@ impl StoreLink {
 
     fn serve(&self, listener: TcpListener) {
         let upstream = self.upstream;
+        let conns = self.conns.clone();
         let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            // Dropping the set (when this task is aborted) cuts every connection.
             while let Ok((mut inbound, _)) = listener.accept().await {
-                conns.spawn(async move {
+                conns.lock().await.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
@@ -422,11 +424,15 @@ impl StoreLink {
         *self.task.lock().expect("lock") = Some(task);
     }
 
-    /// Cuts every connection and stops listening.
-    pub fn cut(&self) {
-        if let Some(t) = self.task.lock().expect("lock").take() {
+    /// Stops listening and cuts every connection; when it returns, nothing
+    /// more passes (aborting a task only asks it to stop, so this waits).
+    pub async fn cut(&self) {
+        let accepting = self.task.lock().expect("lock").take();
+        if let Some(t) = accepting {
             t.abort();
+            let _ = t.await;
         }
+        self.conns.lock().await.shutdown().await;
     }
 
     /// Listens again on the same address.
