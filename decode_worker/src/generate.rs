@@ -357,7 +357,7 @@ impl Inner {
                 }
                 None => {
                     metrics.request_errors.fetch_add(1, Ordering::Relaxed);
-                    Err(Status::unavailable("the engine stopped"))
+                    Err(engine_status(&self.worker.engine.stop_reason()))
                 }
             };
             let end = msg.is_err();

@@ -13,15 +13,36 @@
 use crate::kv_cache::{BlockId, KvLayout, KvPool};
 use crate::model::{BatchSeq, Model, ModelConfig, Scratch};
 
+/// A device that failed while serving (a driver call, a kernel launch, a copy).
+///
+/// What the device holds is unknown afterwards (a CUDA context that faulted
+/// stays faulted), so the engine stops: it ends every stream it holds, answers
+/// every later call with [`EngineError::Failed`](crate::EngineError::Failed),
+/// and the worker leaves the cluster for its supervisor to restart it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
 /// Reads KV pieces in the middle of a step.
 pub trait KvRead {
     /// Appends the bytes of one block-layer piece to `out`.
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>);
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError>;
 }
 
 impl KvRead for KvPool {
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
         out.extend_from_slice(self.piece_bytes(block, layer));
+        Ok(())
     }
 }
 
@@ -46,13 +67,27 @@ pub trait Backend: Send {
     /// `on_layer(l, kv)` is called as soon as layer `l`'s K/V of this step are
     /// final, while later layers still compute: a KV stream copies pieces out
     /// through `kv` there, so a transfer overlaps the prefill.
-    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32>;
+    fn forward(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: LayerHook<'_>,
+    ) -> Result<Vec<f32>, BackendError>;
 
     /// Appends the bytes of one block-layer piece to `out`.
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>);
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError>;
 
     /// Overwrites one block-layer piece (`data` is `kv_layout().piece_bytes()` long).
-    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]);
+    fn write_kv_piece(
+        &mut self,
+        block: BlockId,
+        layer: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError>;
 }
 
 /// The CPU backend: weights memory-mapped from the GGUF file, KV blocks in host
@@ -90,20 +125,36 @@ impl Backend for CpuBackend {
         self.layout
     }
 
-    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32> {
-        self.model
+    fn forward(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: LayerHook<'_>,
+    ) -> Result<Vec<f32>, BackendError> {
+        Ok(self
+            .model
             .forward(&mut self.pool, batch, &mut self.scratch, &mut |l, pool| {
                 on_layer(l, pool)
-            })
+            }))
     }
 
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
-        KvRead::read_kv_piece(&self.pool, block, layer, out);
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        KvRead::read_kv_piece(&self.pool, block, layer, out)
     }
 
-    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {
+    fn write_kv_piece(
+        &mut self,
+        block: BlockId,
+        layer: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
         self.pool
             .piece_bytes_mut(block, layer)
             .copy_from_slice(data);
+        Ok(())
     }
 }

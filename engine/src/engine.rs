@@ -18,9 +18,9 @@ use std::thread::JoinHandle;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
-use tokio::sync::{broadcast, mpsc as tmpsc};
+use tokio::sync::{broadcast, mpsc as tmpsc, watch};
 
-use crate::backend::{Backend, CpuBackend, KvRead};
+use crate::backend::{Backend, BackendError, CpuBackend, KvRead};
 use crate::chat_template::ChatTemplate;
 use crate::device::{Device, DeviceError};
 use crate::gguf::GgufFile;
@@ -66,6 +66,8 @@ pub enum EngineError {
     IncompleteReservation { reservation: u64, missing: usize },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the engine stopped after its device failed: {0}")]
+    Failed(BackendError),
     #[error("cannot build the thread pool: {0}")]
     ThreadPool(String),
     #[error(transparent)]
@@ -229,7 +231,7 @@ pub struct KvReservation {
     pub blocks: Vec<BlockId>,
     /// Leading blocks already cached here; they need no transfer.
     pub cached_blocks: usize,
-    commands: mpsc::Sender<Command>,
+    link: Link,
     writes: Arc<tokio::sync::Semaphore>,
     settled: bool,
 }
@@ -304,16 +306,14 @@ impl KvReservation {
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| EngineError::Stopped)?;
-        self.commands
-            .send(Command::WriteKv(Box::new(KvWrite {
-                reservation: self.id,
-                layer,
-                first_block,
-                data,
-                _permit: permit,
-            })))
-            .map_err(|_| EngineError::Stopped)
+            .map_err(|_| self.link.stopped())?;
+        self.link.send(Command::WriteKv(Box::new(KvWrite {
+            reservation: self.id,
+            layer,
+            first_block,
+            data,
+            _permit: permit,
+        })))
     }
 
     /// Frees the reserved blocks (the same as dropping the reservation).
@@ -324,7 +324,7 @@ impl Drop for KvReservation {
     fn drop(&mut self) {
         if !self.settled {
             // A stopped engine has freed everything already.
-            let _ = self.commands.send(Command::AbortReservation(self.id));
+            let _ = self.link.send(Command::AbortReservation(self.id));
         }
     }
 }
@@ -490,10 +490,40 @@ struct Shared {
     num_blocks: usize,
 }
 
+/// The way to the engine thread, and why it is gone if it is.
+#[derive(Clone)]
+struct Link {
+    commands: mpsc::Sender<Command>,
+    failure: watch::Receiver<Option<BackendError>>,
+}
+
+impl Link {
+    fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        // A failed engine may not have closed its queue yet.
+        if let Some(e) = self.failure.borrow().clone() {
+            return Err(EngineError::Failed(e));
+        }
+        self.commands.send(cmd).map_err(|_| self.stopped())
+    }
+
+    /// Waits for the engine thread's answer to a command.
+    fn recv<T>(&self, rx: &mpsc::Receiver<T>) -> Result<T, EngineError> {
+        rx.recv().map_err(|_| self.stopped())
+    }
+
+    /// Why the engine thread no longer answers.
+    fn stopped(&self) -> EngineError {
+        match self.failure.borrow().clone() {
+            Some(e) => EngineError::Failed(e),
+            None => EngineError::Stopped,
+        }
+    }
+}
+
 /// A running engine. Dropping it stops the engine thread.
 pub struct Engine {
     shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
+    link: Link,
     load: Arc<Mutex<LoadReport>>,
     events: broadcast::Sender<KvEvent>,
     next_id: std::sync::atomic::AtomicU64,
@@ -519,12 +549,23 @@ impl Engine {
         // A model without a chat template can still complete raw prompts.
         let chat_template = ChatTemplate::from_gguf(&file).ok();
         let model = Model::load(file)?;
-        let mc = model.config().clone();
-        let layout = mc.kv_layout(config.block_size);
+        let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
+        let backend = open_backend(config.device, model, config.block_size, num_blocks)?;
+        Self::start(config, tokenizer, chat_template, backend)
+    }
+
+    /// Starts the engine thread over a loaded backend.
+    fn start(
+        config: EngineConfig,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, EngineError> {
+        let mc = backend.config().clone();
+        let layout = backend.kv_layout();
         let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
-        let backend = open_backend(config.device, model, config.block_size, num_blocks)?;
         let threads = config
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -547,6 +588,7 @@ impl Engine {
         }));
         let (events, _) = broadcast::channel(4096);
         let (tx, rx) = mpsc::channel();
+        let (failure_tx, failure) = watch::channel(None);
         let mut core = Core {
             shared: shared.clone(),
             backend,
@@ -560,6 +602,8 @@ impl Engine {
             events: events.clone(),
             steps: 0,
             tokens_computed: 0,
+            failure: None,
+            failure_tx,
         };
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
@@ -567,7 +611,10 @@ impl Engine {
             .map_err(|e| EngineError::ThreadPool(e.to_string()))?;
         Ok(Self {
             shared,
-            commands: tx,
+            link: Link {
+                commands: tx,
+                failure,
+            },
             load,
             events,
             next_id: std::sync::atomic::AtomicU64::new(1),
@@ -601,9 +648,7 @@ impl Engine {
         self.check_request(&request)?;
         let id = self.next_id();
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.commands
-            .send(Command::Submit(id, Box::new(request), tx))
-            .map_err(|_| EngineError::Stopped)?;
+        self.link.send(Command::Submit(id, Box::new(request), tx))?;
         Ok(RequestHandle { id, events: rx })
     }
 
@@ -618,17 +663,15 @@ impl Engine {
         self.check_prompt_len(tokens.len())?;
         let id = self.next_id();
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Command::Reserve(id, tokens.clone(), tx))
-            .map_err(|_| EngineError::Stopped)?;
-        let (blocks, cached_blocks) = rx.recv().map_err(|_| EngineError::Stopped)??;
+        self.link.send(Command::Reserve(id, tokens.clone(), tx))?;
+        let (blocks, cached_blocks) = self.link.recv(&rx)??;
         Ok(KvReservation {
             id,
             layout: s.layout,
             tokens,
             blocks,
             cached_blocks,
-            commands: self.commands.clone(),
+            link: self.link.clone(),
             writes: self.kv_writes.clone(),
             settled: false,
         })
@@ -659,14 +702,12 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         // From here the engine thread owns the blocks, whatever the outcome.
         reservation.settled = true;
-        self.commands
-            .send(Command::SubmitReserved(
-                reservation.id,
-                (id, Box::new(request), out),
-                tx,
-            ))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)??;
+        self.link.send(Command::SubmitReserved(
+            reservation.id,
+            (id, Box::new(request), out),
+            tx,
+        ))?;
+        self.link.recv(&rx)??;
         Ok(RequestHandle { id, events })
     }
 
@@ -726,21 +767,19 @@ impl Engine {
     /// Cancels a request; its stream ends with `Finished { reason: Cancelled }`.
     pub fn cancel(&self, id: u64) {
         // A stopped engine has nothing left to cancel.
-        let _ = self.commands.send(Command::Cancel(id));
+        let _ = self.link.send(Command::Cancel(id));
     }
 
     /// Takes the KV of a finished request submitted with `retain_kv`, freeing its blocks.
     pub fn export_kv(&self, id: u64) -> Result<SequenceKv, EngineError> {
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Command::Export(id, tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)?
+        self.link.send(Command::Export(id, tx))?;
+        self.link.recv(&rx)?
     }
 
     /// Frees the retained KV of a finished request without exporting it.
     pub fn release_kv(&self, id: u64) {
-        let _ = self.commands.send(Command::Release(id));
+        let _ = self.link.send(Command::Release(id));
     }
 
     /// The load after the latest step.
@@ -753,10 +792,8 @@ impl Engine {
     /// engine from after missing events. Blocks the caller for at most one step.
     pub fn kv_snapshot(&self) -> Result<(u64, Vec<BlockHash>), EngineError> {
         let (tx, rx) = mpsc::channel();
-        self.commands
-            .send(Command::Snapshot(tx))
-            .map_err(|_| EngineError::Stopped)?;
-        rx.recv().map_err(|_| EngineError::Stopped)
+        self.link.send(Command::Snapshot(tx))?;
+        self.link.recv(&rx)
     }
 
     /// KV cache events (blocks stored and removed), numbered per engine.
@@ -764,11 +801,37 @@ impl Engine {
     pub fn subscribe_kv_events(&self) -> broadcast::Receiver<KvEvent> {
         self.events.subscribe()
     }
+
+    /// Why a stream ended without `Finished`: the engine stopped, after a
+    /// device failure ([`EngineError::Failed`]) or a shutdown.
+    pub fn stop_reason(&self) -> EngineError {
+        self.link.stopped()
+    }
+
+    /// The device failure that stopped this engine, if one did.
+    pub fn failure(&self) -> Option<BackendError> {
+        self.link.failure.borrow().clone()
+    }
+
+    /// Resolves when a device failure stops the engine; never otherwise.
+    /// Every stream the engine held has ended (without `Finished`) by then.
+    pub async fn failed(&self) -> BackendError {
+        let mut rx = self.link.failure.clone();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                // Stopped without a failure.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Shutdown);
+        let _ = self.link.send(Command::Shutdown);
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -887,6 +950,9 @@ struct Core {
     events: broadcast::Sender<KvEvent>,
     steps: u64,
     tokens_computed: u64,
+    /// A device failure seen in the current command or step.
+    failure: Option<BackendError>,
+    failure_tx: watch::Sender<Option<BackendError>>,
 }
 
 impl Core {
@@ -910,10 +976,51 @@ impl Core {
                     self.cancel_all();
                     return;
                 }
+                if self.failure.is_some() {
+                    break;
+                }
             }
-            stalled = !self.step();
+            if self.failure.is_none() {
+                stalled = !self.step();
+            }
+            if let Some(e) = self.failure.take() {
+                self.stop_failed(e);
+                return;
+            }
             self.publish();
         }
+    }
+
+    /// Records a device failure; the run loop stops the engine after the
+    /// current command or step.
+    fn device_failed(&mut self, e: BackendError) {
+        tracing::error!(device = %self.backend.name(), error = %e, "the device failed");
+        self.failure.get_or_insert(e);
+    }
+
+    /// Stops after a device failure: whatever the device holds is suspect, so
+    /// no stream gets a `Finished` it did not earn (each ends without one) and
+    /// no block is registered or reused again. Later calls answer
+    /// [`EngineError::Failed`].
+    fn stop_failed(&mut self, e: BackendError) {
+        let streams = self.running.len() + self.waiting.len();
+        tracing::error!(
+            error = %e, streams,
+            "the engine stops after a device failure; ending every stream it holds"
+        );
+        // Set before the streams end, so a consumer that sees its stream end
+        // finds the reason.
+        self.failure_tx.send_replace(Some(e));
+        {
+            let mut report = self.load.lock().unwrap_or_else(PoisonError::into_inner);
+            report.running = 0;
+            report.waiting = 0;
+            report.pending_prefill_tokens = 0;
+        }
+        self.running.clear();
+        self.waiting.clear();
+        self.reservations.clear();
+        self.retained.clear();
     }
 
     /// Applies one command; false means shut down.
@@ -951,17 +1058,22 @@ impl Core {
                     Some(r) => {
                         let mut data =
                             Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
-                        for &b in &r.blocks {
-                            for l in 0..self.shared.layout.n_layers {
-                                self.backend.read_kv_piece(b, l, &mut data);
+                        let read = r.blocks.iter().try_for_each(|&b| {
+                            (0..self.shared.layout.n_layers)
+                                .try_for_each(|l| self.backend.read_kv_piece(b, l, &mut data))
+                        });
+                        self.release_blocks(&r.blocks);
+                        match read {
+                            Ok(()) => Ok(SequenceKv {
+                                layout: self.shared.layout,
+                                tokens: r.tokens,
+                                data,
+                            }),
+                            Err(e) => {
+                                self.device_failed(e.clone());
+                                Err(EngineError::Failed(e))
                             }
                         }
-                        self.release_blocks(&r.blocks);
-                        Ok(SequenceKv {
-                            layout: self.shared.layout,
-                            tokens: r.tokens,
-                            data,
-                        })
                     }
                 };
                 let _ = reply.send(result);
@@ -1043,7 +1155,10 @@ impl Core {
                 *done = true;
                 r.missing -= 1;
             }
-            self.backend.write_kv_piece(b, w.layer, piece);
+            if let Err(e) = self.backend.write_kv_piece(b, w.layer, piece) {
+                self.device_failed(e);
+                return;
+            }
         }
     }
 
@@ -1127,12 +1242,16 @@ impl Core {
                     break;
                 };
                 let layout = self.shared.layout;
-                for (i, &b) in new.iter().enumerate() {
+                let written = new.iter().enumerate().try_for_each(|(i, &b)| {
                     let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..]
                         [..layout.block_bytes()];
-                    for (l, piece) in src.chunks_exact(layout.piece_bytes()).enumerate() {
-                        self.backend.write_kv_piece(b, l, piece);
-                    }
+                    src.chunks_exact(layout.piece_bytes())
+                        .enumerate()
+                        .try_for_each(|(l, piece)| self.backend.write_kv_piece(b, l, piece))
+                });
+                if let Err(e) = written {
+                    self.device_failed(e);
+                    return;
                 }
                 blocks.extend(new);
                 computed = kv.tokens.len();
@@ -1203,6 +1322,9 @@ impl Core {
     /// Runs one batch; false when nothing could run (the queue waits on retained KV).
     fn step(&mut self) -> bool {
         self.admit();
+        if self.failure.is_some() {
+            return false;
+        }
         let plan = self.plan();
         if plan.is_empty() {
             if self.running.is_empty() && self.retained.is_empty() && self.reservations.is_empty() {
@@ -1233,11 +1355,20 @@ impl Core {
             .filter_map(|&(i, take)| pending_kv(&self.running[i], take, bs))
             .collect();
         let piece_bytes = self.shared.layout.piece_bytes();
+        let mut read_failed = None;
         let mut send_layer = |layer: usize, kv: &dyn KvRead| {
+            if read_failed.is_some() {
+                return;
+            }
             for p in &pending {
                 let mut data = Vec::with_capacity(p.blocks.len() * piece_bytes);
-                for &b in &p.blocks {
-                    kv.read_kv_piece(b, layer, &mut data);
+                if let Err(e) = p
+                    .blocks
+                    .iter()
+                    .try_for_each(|&b| kv.read_kv_piece(b, layer, &mut data))
+                {
+                    read_failed = Some(e);
+                    return;
                 }
                 // A receiver that hung up has given up on the transfer; the
                 // sequence goes on.
@@ -1249,8 +1380,15 @@ impl Core {
                 });
             }
         };
-        let logits = self.backend.forward(&batch, &mut send_layer);
+        let forward = self.backend.forward(&batch, &mut send_layer);
         drop(batch);
+        let logits = match (forward, read_failed) {
+            (Ok(logits), None) => logits,
+            (Err(e), _) | (Ok(_), Some(e)) => {
+                self.device_failed(e);
+                return false;
+            }
+        };
         self.steps += 1;
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
 
@@ -1505,6 +1643,151 @@ mod tests {
         } else {
             assert!(msg.contains("--features cuda"), "{msg}");
         }
+    }
+
+    /// A CPU backend whose device fails on cue: `forward` after
+    /// `forwards_left` steps, or every KV read inside a step.
+    struct Faulty {
+        inner: CpuBackend,
+        forwards_left: usize,
+        unreadable: bool,
+    }
+
+    struct Unreadable;
+
+    impl KvRead for Unreadable {
+        fn read_kv_piece(&self, _: BlockId, _: usize, _: &mut Vec<u8>) -> Result<(), BackendError> {
+            Err(BackendError("injected KV read fault".into()))
+        }
+    }
+
+    impl Backend for Faulty {
+        fn name(&self) -> String {
+            "faulty".into()
+        }
+        fn config(&self) -> &ModelConfig {
+            self.inner.config()
+        }
+        fn kv_layout(&self) -> KvLayout {
+            self.inner.kv_layout()
+        }
+        fn forward(
+            &mut self,
+            batch: &[BatchSeq<'_>],
+            on_layer: crate::backend::LayerHook<'_>,
+        ) -> Result<Vec<f32>, BackendError> {
+            if self.forwards_left == 0 {
+                return Err(BackendError("injected step fault".into()));
+            }
+            self.forwards_left -= 1;
+            if self.unreadable {
+                self.inner
+                    .forward(batch, &mut |l, _| on_layer(l, &Unreadable))
+            } else {
+                self.inner.forward(batch, on_layer)
+            }
+        }
+        fn read_kv_piece(
+            &self,
+            b: BlockId,
+            l: usize,
+            out: &mut Vec<u8>,
+        ) -> Result<(), BackendError> {
+            self.inner.read_kv_piece(b, l, out)
+        }
+        fn write_kv_piece(
+            &mut self,
+            b: BlockId,
+            l: usize,
+            data: &[u8],
+        ) -> Result<(), BackendError> {
+            self.inner.write_kv_piece(b, l, data)
+        }
+    }
+
+    fn faulty_engine(forwards_left: usize, unreadable: bool) -> Engine {
+        let config = EngineConfig {
+            kv_cache_tokens: 1024,
+            threads: Some(2),
+            ..EngineConfig::default()
+        };
+        let file = GgufFile::open(crate::paths::test_model_path()).expect("model");
+        let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
+        let model = Model::load(file).expect("model");
+        let blocks = config.kv_cache_tokens / config.block_size;
+        let backend = Faulty {
+            inner: CpuBackend::new(model, config.block_size, blocks),
+            forwards_left,
+            unreadable,
+        };
+        Engine::start(config, tokenizer, None, Box::new(backend)).expect("engine")
+    }
+
+    /// Drains a stream: its tokens, and whether it ended with `Finished`.
+    fn drain(h: &mut RequestHandle) -> (usize, bool) {
+        let mut tokens = 0;
+        while let Some(ev) = h.events.blocking_recv() {
+            match ev {
+                TokenEvent::Token(_) => tokens += 1,
+                TokenEvent::Finished { .. } => return (tokens, true),
+            }
+        }
+        (tokens, false)
+    }
+
+    /// A device failure mid-serving stops the engine, not the process: every
+    /// stream it held ends without `Finished` (nothing computed after the
+    /// fault passes for output), every later call answers with the failure,
+    /// and `failed()` wakes whoever supervises the engine.
+    #[test]
+    fn a_device_failure_ends_every_stream_and_fails_later_calls() {
+        let engine = faulty_engine(3, false);
+        let mut request = Request::new((1..40).collect(), 32);
+        request.ignore_eos = true;
+        let mut a = engine.submit(request.clone()).expect("submit");
+        let mut b = engine.submit(request.clone()).expect("submit");
+        // Three good steps: the prefill (with the first token) and two decode
+        // steps; the fourth fails. `b` joins in the first or the second step.
+        assert_eq!(drain(&mut a), (3, false));
+        let (b_tokens, b_finished) = drain(&mut b);
+        assert!((2..=3).contains(&b_tokens) && !b_finished, "{b_tokens}");
+
+        let failure = engine.failure().expect("the failure is recorded");
+        assert!(failure.0.contains("injected step fault"), "{failure}");
+        for e in [
+            engine.submit(request).map(|_| ()).unwrap_err(),
+            engine
+                .reserve_kv((1..40).collect())
+                .map(|_| ())
+                .unwrap_err(),
+            engine.kv_snapshot().map(|_| ()).unwrap_err(),
+            engine.stop_reason(),
+        ] {
+            assert!(matches!(&e, EngineError::Failed(f) if *f == failure), "{e}");
+        }
+        assert_eq!(engine.load_report().running, 0);
+        let mut failed = std::pin::pin!(engine.failed());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert_eq!(
+            failed.as_mut().poll(&mut cx),
+            std::task::Poll::Ready(failure)
+        );
+    }
+
+    /// A KV piece that cannot be read out mid-step fails the engine too: the
+    /// KV stream closes short (its sender fails the transfer rather than
+    /// finishing it) and the request's stream ends without `Finished`.
+    #[test]
+    fn a_failed_kv_read_closes_the_kv_stream_short() {
+        let engine = faulty_engine(usize::MAX, true);
+        let (tx, mut chunks) = tmpsc::unbounded_channel();
+        let mut request = Request::new((1..40).collect(), 1);
+        request.kv_stream = Some(KvStream { skip_blocks: 0, tx });
+        let mut h = engine.submit(request).expect("submit");
+        assert_eq!(drain(&mut h), (0, false));
+        assert!(chunks.blocking_recv().is_none(), "no KV left the engine");
+        let failure = engine.failure().expect("the failure is recorded");
+        assert!(failure.0.contains("injected KV read fault"), "{failure}");
     }
 
     #[test]

@@ -95,7 +95,7 @@ fn engine_error(e: EngineError) -> ApiError {
         EngineError::Sampling(_) | EngineError::Config(_) => {
             ApiError::invalid_request(e.to_string())
         }
-        EngineError::Stopped => ApiError::unavailable(e.to_string()),
+        EngineError::Stopped | EngineError::Failed(_) => ApiError::unavailable(e.to_string()),
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -123,9 +123,7 @@ impl Stream for EngineStream {
             }
             Poll::Ready(None) => {
                 self.finished = true;
-                Poll::Ready(Some(Err(ApiError::unavailable(
-                    "the engine stopped before the request finished",
-                ))))
+                Poll::Ready(Some(Err(engine_error(self.engine.stop_reason()))))
             }
         }
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tandem_engine::engine::{KvChunk, KvStream, Request, TokenEvent, Usage};
+use tandem_engine::engine::{Engine, KvChunk, KvStream, Request, TokenEvent, Usage};
 use tandem_kv_transfer::quic::{QuicPeer, QuicSession, QuicTransport};
 use tandem_kv_transfer::shm::{self, ShmTransport, ShmWriter};
 use tandem_kv_transfer::{
@@ -115,13 +115,16 @@ async fn resolve(addr: &str) -> Result<SocketAddr, TransferError> {
 }
 
 /// Waits for the end of the (one-token) request and returns its usage.
-async fn usage(mut events: mpsc::UnboundedReceiver<TokenEvent>) -> Result<Usage, Status> {
+async fn usage(
+    engine: &Engine,
+    mut events: mpsc::UnboundedReceiver<TokenEvent>,
+) -> Result<Usage, Status> {
     while let Some(ev) = events.recv().await {
         if let TokenEvent::Finished { usage, .. } = ev {
             return Ok(usage);
         }
     }
-    Err(Status::internal("the engine stopped"))
+    Err(engine_status(&engine.stop_reason()))
 }
 
 impl RoleService for PrefillService {
@@ -163,7 +166,7 @@ impl RoleService for PrefillService {
             // The caller going away (the Prefill call dropped) cancels the prefill.
             let mut guard = EngineRequestGuard::new(engine.clone(), handle.id);
             let report = writer.send(rx).await.map_err(transfer_status)?;
-            let usage = usage(handle.events).await?;
+            let usage = usage(engine, handle.events).await?;
             guard.disarm();
             Ok::<_, Status>(PrefillResponse {
                 bytes: report.bytes,

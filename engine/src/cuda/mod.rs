@@ -42,7 +42,7 @@ use cudarc::driver::result as cu;
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, DriverError};
 
-use crate::backend::{Backend, KvRead, LayerHook};
+use crate::backend::{Backend, BackendError, KvRead, LayerHook};
 use crate::cpu::QMatrix;
 use crate::gguf::GgmlType;
 use crate::kv_cache::{BlockId, KvLayout};
@@ -151,14 +151,13 @@ fn driver_candidates() -> Vec<String> {
     names
 }
 
-/// Logs a device failure met where the [`Backend`] interface has no error
-/// path (a step, a KV piece copy) and ends the process: a CUDA context that
-/// returned an error may be unusable (errors such as an illegal address are
-/// sticky), and silently wrong logits or KV bytes would be worse.
-fn fatal(e: CudaError) -> ! {
-    tracing::error!(error = %e, "CUDA backend failed; exiting");
-    eprintln!("tandem: CUDA backend failed: {e}");
-    std::process::abort()
+/// A failure in the middle of serving, for the engine: it stops, since a CUDA
+/// context that returned an error may be unusable (errors such as an illegal
+/// address are sticky) and wrong logits or KV bytes would be worse.
+impl From<CudaError> for BackendError {
+    fn from(e: CudaError) -> Self {
+        BackendError(format!("CUDA: {e}"))
+    }
 }
 
 /// A device allocation, freed on drop through the device it came from (which
@@ -1406,10 +1405,13 @@ struct DeviceKv<'a> {
 }
 
 impl KvRead for DeviceKv<'_> {
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
-        if let Err(e) = self.backend.read_piece(block, layer, out) {
-            fatal(e);
-        }
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        Ok(self.backend.read_piece(block, layer, out)?)
     }
 }
 
@@ -1426,20 +1428,29 @@ impl Backend for CudaBackend {
         self.layout
     }
 
-    fn forward(&mut self, batch: &[BatchSeq<'_>], on_layer: LayerHook<'_>) -> Vec<f32> {
-        self.forward_inner(batch, on_layer)
-            .unwrap_or_else(|e| fatal(e))
+    fn forward(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: LayerHook<'_>,
+    ) -> Result<Vec<f32>, BackendError> {
+        Ok(self.forward_inner(batch, on_layer)?)
     }
 
-    fn read_kv_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) {
-        if let Err(e) = self.read_piece(block, layer, out) {
-            fatal(e);
-        }
+    fn read_kv_piece(
+        &self,
+        block: BlockId,
+        layer: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BackendError> {
+        Ok(self.read_piece(block, layer, out)?)
     }
 
-    fn write_kv_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) {
-        if let Err(e) = self.write_piece(block, layer, data) {
-            fatal(e);
-        }
+    fn write_kv_piece(
+        &mut self,
+        block: BlockId,
+        layer: usize,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        Ok(self.write_piece(block, layer, data)?)
     }
 }

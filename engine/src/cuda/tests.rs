@@ -966,14 +966,17 @@ mod model {
                 want_logits: true,
             },
         ];
-        let c = cpu_b.forward(&batch, &mut |_, _| {});
-        let gl = gpu_b.forward(&batch, &mut |l, kv| {
-            layers_seen.push(l);
-            // Reading a piece mid-step gives this step's K/V of layer l.
-            let mut piece = Vec::new();
-            kv.read_kv_piece(blocks_a[0], l, &mut piece);
-            assert_eq!(piece.len(), piece_bytes);
-        });
+        let c = cpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
+        let gl = gpu_b
+            .forward(&batch, &mut |l, kv| {
+                layers_seen.push(l);
+                // Reading a piece mid-step gives this step's K/V of layer l.
+                let mut piece = Vec::new();
+                kv.read_kv_piece(blocks_a[0], l, &mut piece)
+                    .expect("read a piece mid-step");
+                assert_eq!(piece.len(), piece_bytes);
+            })
+            .expect("forward");
         assert_eq!(
             layers_seen,
             (0..cpu_b.config().n_layers).collect::<Vec<_>>()
@@ -997,8 +1000,8 @@ mod model {
                     want_logits: true,
                 },
             ];
-            let c = cpu_b.forward(&batch, &mut |_, _| {});
-            let gl = gpu_b.forward(&batch, &mut |_, _| {});
+            let c = cpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
+            let gl = gpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
             compare(&format!("decode step {step}"), &c, &gl);
             ta = argmax(&c[..vocab]).0 as u32;
             tb = argmax(&c[vocab..]).0 as u32;
@@ -1009,8 +1012,12 @@ mod model {
         let last = cpu_b.config().n_layers - 1;
         for (blk, layer) in [(blocks_a[0], 0), (blocks_b[0], last), (blocks_a[1], last)] {
             let (mut cp, mut gp) = (Vec::new(), Vec::new());
-            cpu_b.read_kv_piece(blk, layer, &mut cp);
-            gpu_b.read_kv_piece(blk, layer, &mut gp);
+            cpu_b
+                .read_kv_piece(blk, layer, &mut cp)
+                .expect("KV piece copy");
+            gpu_b
+                .read_kv_piece(blk, layer, &mut gp)
+                .expect("KV piece copy");
             let f = |v: &[u8]| -> Vec<f32> {
                 v.chunks_exact(2)
                     .map(|h| f16::from_le_bytes([h[0], h[1]]).to_f32())
@@ -1026,10 +1033,16 @@ mod model {
         }
         // A piece written in comes back out unchanged.
         let mut cp = Vec::new();
-        cpu_b.read_kv_piece(blocks_a[0], 3, &mut cp);
-        gpu_b.write_kv_piece((nb - 1) as u32, 3, &cp);
+        cpu_b
+            .read_kv_piece(blocks_a[0], 3, &mut cp)
+            .expect("KV piece copy");
+        gpu_b
+            .write_kv_piece((nb - 1) as u32, 3, &cp)
+            .expect("KV piece copy");
         let mut back = Vec::new();
-        gpu_b.read_kv_piece((nb - 1) as u32, 3, &mut back);
+        gpu_b
+            .read_kv_piece((nb - 1) as u32, 3, &mut back)
+            .expect("KV piece copy");
         assert!(
             back == cp,
             "write_kv_piece then read_kv_piece changed the bytes"
@@ -1294,16 +1307,22 @@ mod emulated_model {
             };
             let mut cpu_pieces = Vec::new();
             let mut emu_pieces = Vec::new();
-            let cl = cpu_b.forward(&batch, &mut |l, kv| {
-                let mut p = Vec::new();
-                kv.read_kv_piece(ba[1], l, &mut p);
-                cpu_pieces.push(p);
-            });
-            let el = emu_b.forward(&batch, &mut |l, kv| {
-                let mut p = Vec::new();
-                kv.read_kv_piece(ba[1], l, &mut p);
-                emu_pieces.push(p);
-            });
+            let cl = cpu_b
+                .forward(&batch, &mut |l, kv| {
+                    let mut p = Vec::new();
+                    kv.read_kv_piece(ba[1], l, &mut p)
+                        .expect("read a piece mid-step");
+                    cpu_pieces.push(p);
+                })
+                .expect("forward");
+            let el = emu_b
+                .forward(&batch, &mut |l, kv| {
+                    let mut p = Vec::new();
+                    kv.read_kv_piece(ba[1], l, &mut p)
+                        .expect("read a piece mid-step");
+                    emu_pieces.push(p);
+                })
+                .expect("forward");
             assert_eq!(cpu_pieces.len(), n_layers, "{what}: layer hook calls");
             assert_eq!(emu_pieces.len(), n_layers, "{what}: layer hook calls");
             for (l, (cp, ep)) in cpu_pieces.iter().zip(&emu_pieces).enumerate() {
@@ -1319,8 +1338,8 @@ mod emulated_model {
             for blk in 0..12u32 {
                 for l in 0..n_layers {
                     let (mut cp, mut ep) = (Vec::new(), Vec::new());
-                    cpu_b.read_kv_piece(blk, l, &mut cp);
-                    emu_b.read_kv_piece(blk, l, &mut ep);
+                    cpu_b.read_kv_piece(blk, l, &mut cp).expect("KV piece copy");
+                    emu_b.read_kv_piece(blk, l, &mut ep).expect("KV piece copy");
                     let where_ = format!("{what} step {step} block {blk} layer {l}");
                     assert_close(&where_, &f16s(&ep), &f16s(&cp), KV_TOL, KV_TOL);
                 }
@@ -1343,10 +1362,12 @@ mod emulated_model {
         }
         // A piece written in reads back unchanged.
         let mut cp = Vec::new();
-        cpu_b.read_kv_piece(2, 1, &mut cp);
-        emu_b.write_kv_piece(20, 1, &cp);
+        cpu_b.read_kv_piece(2, 1, &mut cp).expect("KV piece copy");
+        emu_b.write_kv_piece(20, 1, &cp).expect("KV piece copy");
         let mut back = Vec::new();
-        emu_b.read_kv_piece(20, 1, &mut back);
+        emu_b
+            .read_kv_piece(20, 1, &mut back)
+            .expect("KV piece copy");
         assert!(back == cp, "{what}: a written piece reads back unchanged");
         let _ = std::fs::remove_file(&path);
     }

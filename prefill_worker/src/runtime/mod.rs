@@ -44,6 +44,8 @@ const SERVER_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a shutdown waits on the store for each of its writes: an
 /// unreachable store must not hold the process up (the lease expires anyway).
 const STORE_GRACE: Duration = Duration::from_secs(3);
+/// How long a failing worker lets the calls in flight take their errors out.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
 
 /// Flags every worker takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -216,7 +218,7 @@ pub fn engine_status(e: &EngineError) -> Status {
         | EngineError::Sampling(_)
         | EngineError::Config(_) => Status::invalid_argument(e.to_string()),
         EngineError::KvCacheFull { .. } => Status::resource_exhausted(e.to_string()),
-        EngineError::Stopped => Status::unavailable(e.to_string()),
+        EngineError::Stopped | EngineError::Failed(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
@@ -549,12 +551,24 @@ where
         }
         r = &mut grpc => Some(format!("the gRPC server stopped: {}", describe(r))),
         r = &mut http => Some(format!("the HTTP server stopped: {}", describe(r))),
+        e = worker.engine.failed() => Some(format!("the engine stopped after its device failed: {e}")),
     };
     card_task.abort();
     if let Some(reason) = failed {
+        // Out of the cluster first (routers stop sending here), then let the
+        // calls in flight answer: after an engine failure they end at once
+        // with its error. The exit status tells the supervisor to restart.
+        tracing::error!(%id, %reason, "the worker stops");
+        worker.draining.store(true, Ordering::SeqCst);
+        let _ = tokio::time::timeout(STORE_GRACE, registration.deregister()).await;
+        if !worker.drained(FAILURE_GRACE).await {
+            tracing::warn!(
+                in_flight = worker.in_flight(),
+                "calls still in flight; stopping anyway"
+            );
+        }
         stop.cancel();
         worker.stopping.cancel();
-        let _ = tokio::time::timeout(STORE_GRACE, registration.deregister()).await;
         anyhow::bail!(reason);
     }
 
@@ -662,5 +676,7 @@ mod tests {
             engine_status(&EngineError::Stopped).code(),
             tonic::Code::Unavailable
         );
+        let failed = EngineError::Failed(tandem_engine::backend::BackendError("CUDA: boom".into()));
+        assert_eq!(engine_status(&failed).code(), tonic::Code::Unavailable);
     }
 }
