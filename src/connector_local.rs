@@ -227,7 +227,7 @@ impl<S: Store + Clone> LocalConnector<S> {
                 eprintln!("tandem up: {} ({}) stopped ({})", p.name, p.role, p.status);
             } else {
                 eprintln!(
-                    "tandem up: {} ({}) exited unexpectedly ({}); the cluster goes on without it",
+                    "tandem up: {} ({}) exited unexpectedly ({}); a replacement starts at the next check",
                     p.name, p.role, p.status
                 );
             }

@@ -9,7 +9,9 @@
 //!   `cached_tokens`.
 //! - Failures: a prefill worker killed mid-request (the decode worker prefills
 //!   locally), a decode worker killed before the first token (the router retries
-//!   elsewhere), the dead worker leaving the router's view within the lease TTL.
+//!   elsewhere), the dead worker leaving the router's view within the lease TTL,
+//!   and a replacement for every worker killed or drained (the desired counts
+//!   stand), serving.
 //! - SIGTERM stops the whole cluster cleanly.
 
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tandem::up::ClusterFile;
 use tandem_control_plane::{RemoteStore, Store};
-use tandem_protocol::{InstanceInfo, Role, keys};
+use tandem_protocol::{InstanceInfo, Role, WorkerState, keys};
 
 mod common;
 use common::{free_port, model_path, signal};
@@ -469,8 +471,15 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     loop {
         let (_, health) = c.get(&format!("http://127.0.0.1:{agg_port}/health"));
         let v: Value = serde_json::from_str(&health).unwrap_or(Value::Null);
-        let gone = c.instances().iter().all(|i| i.id != holder);
-        if gone && v["decode_workers"].as_u64() == Some(1) {
+        // Its replacement may have registered meanwhile.
+        let decode = c
+            .instances()
+            .iter()
+            .filter(|i| i.role == Role::Decode)
+            .map(|i| i.id.clone())
+            .collect::<Vec<_>>();
+        let gone = !decode.contains(&holder);
+        if gone && v["decode_workers"].as_u64() == Some(decode.len() as u64) {
             break;
         }
         assert!(
@@ -555,6 +564,32 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    eprintln!("cluster test: workers that left are replaced");
+    // The desired counts (1 prefill, 2 decode) still stand: the reconcile
+    // loop starts a worker for each one killed or drained above.
+    let gone = ["prefill-0", holder.as_str(), survivor.as_str()];
+    let start = Instant::now();
+    loop {
+        let serving = |role| {
+            c.instances()
+                .iter()
+                .filter(|i| i.role == role && i.state == WorkerState::Serving)
+                .filter(|i| !gone.contains(&i.id.as_str()))
+                .count()
+        };
+        if serving(Role::Prefill) == 1 && serving(Role::Decode) == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no replacements after 60 s: {:?}",
+            c.instances()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (text, _) = chat(&c, &api, "Say hi to the new workers.", 4);
+    assert!(!text.is_empty(), "the replaced cluster serves");
 
     eprintln!("cluster test: stopping");
     signal(agg_router.0.id(), libc::SIGTERM);

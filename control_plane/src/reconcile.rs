@@ -6,6 +6,12 @@
 //! on the latest desired count only: counts written while a scale was under
 //! way collapse into one. A failed scale is retried after a pause while the
 //! desired count stays what it was.
+//!
+//! Between changes each task checks every 5 s that the role still runs its
+//! desired count: workers that exited on their own (a crash, a device failure)
+//! are replaced, at once the first time and then after a pause that doubles
+//! (5 s up to a minute) while replacements keep dying within two minutes of
+//! each other, so a worker that cannot start does not spin.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,11 +20,42 @@ use std::time::Duration;
 use tandem_protocol::Desired;
 use tandem_protocol::{Role, keys};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::{Connector, Event, Store, StoreError};
 
 /// Pause before retrying a failed scale or a lost watch.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// How a role's task holds its count between changes.
+#[derive(Debug, Clone, Copy)]
+struct Resync {
+    /// How often the running count is compared with the desired one.
+    every: Duration,
+    /// The longest pause before replacing workers that keep exiting.
+    max_pause: Duration,
+    /// Replacements further apart than this are not a crash loop.
+    crash_window: Duration,
+}
+
+const RESYNC: Resync = Resync {
+    every: Duration::from_secs(5),
+    max_pause: Duration::from_secs(60),
+    crash_window: Duration::from_secs(120),
+};
+
+impl Resync {
+    /// The pause before the `n`th replacement in a row (0: at once).
+    fn restart_pause(&self, n: u32) -> Duration {
+        match n {
+            0 => Duration::ZERO,
+            n => self
+                .every
+                .saturating_mul(1 << (n - 1).min(8))
+                .min(self.max_pause),
+        }
+    }
+}
 
 /// The worker roles a connector scales.
 pub const WORKER_ROLES: [Role; 2] = [Role::Prefill, Role::Decode];
@@ -29,7 +66,17 @@ pub async fn reconcile<S: Store, C: Connector>(
     store: S,
     cluster: String,
     connector: Arc<C>,
+    stop: watch::Receiver<bool>,
+) {
+    reconcile_with(store, cluster, connector, stop, RESYNC).await;
+}
+
+async fn reconcile_with<S: Store, C: Connector>(
+    store: S,
+    cluster: String,
+    connector: Arc<C>,
     mut stop: watch::Receiver<bool>,
+    resync: Resync,
 ) {
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
@@ -41,6 +88,7 @@ pub async fn reconcile<S: Store, C: Connector>(
             connector.clone(),
             rx,
             stop.clone(),
+            resync,
         )));
     }
     let send = |role: Role, replicas: u32| {
@@ -135,7 +183,11 @@ async fn scale_role<C: Connector>(
     connector: Arc<C>,
     mut desired: watch::Receiver<Option<u32>>,
     mut stop: watch::Receiver<bool>,
+    resync: Resync,
 ) {
+    // Replacements in a row, and when the last one started.
+    let mut restarts = 0u32;
+    let mut last_restart: Option<Instant> = None;
     loop {
         let Some(replicas) = *desired.borrow_and_update() else {
             tokio::select! {
@@ -150,7 +202,37 @@ async fn scale_role<C: Connector>(
         };
         match result {
             Ok(()) => {
+                // Hold the count until it changes, replacing workers that exit.
+                let missing = loop {
+                    tokio::select! {
+                        r = desired.changed() => if r.is_err() { return } else { break None },
+                        _ = stop.wait_for(|s| *s) => return,
+                        () = tokio::time::sleep(resync.every) => {}
+                    }
+                    match connector.running(role).await {
+                        Ok(n) if n < replicas => break Some(n),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(%role, error = %e, "cannot count the running workers")
+                        }
+                    }
+                };
+                let Some(running) = missing else {
+                    continue;
+                };
+                let now = Instant::now();
+                restarts = match last_restart {
+                    Some(t) if now - t < resync.crash_window => restarts + 1,
+                    _ => 0,
+                };
+                last_restart = Some(now);
+                let pause = resync.restart_pause(restarts);
+                tracing::warn!(
+                    %role, running, desired = replicas, ?pause,
+                    "workers exited on their own; replacing them"
+                );
                 tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
                     r = desired.changed() => if r.is_err() { return },
                     _ = stop.wait_for(|s| *s) => return,
                 }
@@ -178,6 +260,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         counts: Mutex<BTreeMap<Role, u32>>,
+        /// Every scale call, in order.
+        calls: Mutex<Vec<(Role, u32)>>,
     }
 
     impl Connector for Fake {
@@ -187,6 +271,7 @@ mod tests {
 
         async fn scale(&self, role: Role, replicas: u32) -> Result<(), ConnectorError> {
             self.counts.lock().expect("lock").insert(role, replicas);
+            self.calls.lock().expect("lock").push((role, replicas));
             Ok(())
         }
 
@@ -249,5 +334,58 @@ mod tests {
         stop.send(true).expect("stop");
         task.await.expect("reconcile ends");
         assert_eq!(fake.running(Role::Decode).await.expect("running"), 1);
+    }
+
+    /// Workers that die are replaced: the first time at the next check, then
+    /// after a pause that grows while the replacements keep dying; a role
+    /// whose workers stay up is left alone.
+    #[tokio::test]
+    async fn replaces_workers_that_exit_backing_off_while_they_keep_dying() {
+        let resync = Resync {
+            every: Duration::from_millis(100),
+            max_pause: Duration::from_secs(10),
+            crash_window: Duration::from_secs(60),
+        };
+        let store = MemStore::new();
+        store
+            .put(&keys::planner_desired("c", Role::Decode), desired(2), None)
+            .await
+            .expect("put");
+        let fake = Arc::new(Fake::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(reconcile_with(
+            store.clone(),
+            "c".into(),
+            fake.clone(),
+            stopped,
+            resync,
+        ));
+        wait_for(&fake, Role::Decode, 2).await;
+        let scales = || fake.calls.lock().expect("lock").len();
+        let start = scales();
+        tokio::time::sleep(resync.every * 5).await;
+        assert_eq!(scales(), start, "a healthy role is left alone");
+
+        // Four crashes in a row: replaced after at least 0, 100, 200, 400 ms.
+        for n in 0..4 {
+            fake.counts.lock().expect("lock").insert(Role::Decode, 1);
+            let died = Instant::now();
+            wait_for(&fake, Role::Decode, 2).await;
+            let took = died.elapsed();
+            let pause = resync.restart_pause(n);
+            assert!(
+                took >= pause && took < pause + Duration::from_secs(1),
+                "replacement {n} after {took:?}, its pause {pause:?}"
+            );
+        }
+        assert_eq!(scales(), start + 4);
+        stop.send(true).expect("stop");
+        task.await.expect("reconcile ends");
+    }
+
+    #[test]
+    fn the_restart_pause_doubles_up_to_a_minute() {
+        let secs: Vec<u64> = (0..10).map(|n| RESYNC.restart_pause(n).as_secs()).collect();
+        assert_eq!(secs, [0, 5, 10, 20, 40, 60, 60, 60, 60, 60]);
     }
 }
