@@ -1,6 +1,7 @@
-//! `tandem bench engine`: prefill, single-stream decode and 8-stream decode
-//! throughput of the in-process engine, beside the machine's memory-bandwidth
-//! bound and, when given its path, llama.cpp's `llama-bench` on the same file.
+//! `tandem bench engine`: prefill, single-stream decode and 8- and 64-stream
+//! decode throughput of the in-process engine, beside the memory-bandwidth
+//! bound of the device it ran on and, when given their paths, llama.cpp's
+//! `llama-bench` and `llama-server` on the same file.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -37,6 +38,10 @@ pub struct EngineBenchReport {
     pub decode_tok_s: f64,
     /// Total tokens per second with 8 sequences generating 128 tokens each.
     pub batch8_decode_tok_s: f64,
+    /// Total decode tokens per second over 64 concurrent sequences.
+    pub batch64_decode_tok_s: f64,
+    /// What the bandwidth figure measured (host reads, or a device copy).
+    pub bandwidth_measured: String,
     /// Measured memory read bandwidth with the same threads.
     pub read_bandwidth_gb_s: f64,
     /// Weight bytes read per decoded token.
@@ -47,14 +52,16 @@ pub struct EngineBenchReport {
     pub llamacpp_prefill_tok_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llamacpp_decode_tok_s: Option<f64>,
-    /// llama-server's total decode rate with 8 concurrent streams.
+    /// llama-server's total decode rates with 8 and 64 concurrent streams.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llamacpp_server_batch8_tok_s: Option<f64>,
+    pub llamacpp_server_batch64_tok_s: Option<f64>,
 }
 
 const PREFILL_TOKENS: usize = 512;
 const DECODE_TOKENS: usize = 128;
-const BATCH: usize = 8;
+/// Concurrent sequences of the aggregate decode runs.
+const BATCHES: [usize; 2] = [8, 64];
 
 /// Deterministic, distinct prompt tokens (so no run hits another's prefix cache).
 fn synthetic_prompt(len: usize, salt: u64, vocab: usize) -> Vec<u32> {
@@ -100,6 +107,30 @@ fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
+/// The memory bandwidth that bounds decode on `device`, in GB/s, and how it
+/// was measured.
+fn bandwidth(device: Device, threads: usize) -> anyhow::Result<(f64, String)> {
+    match device {
+        Device::Cpu => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .context("building a thread pool")?;
+            Ok((
+                read_bandwidth(&pool),
+                format!("host reads, {threads} threads"),
+            ))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => Ok((
+            tandem_engine::cuda::device_bandwidth(ordinal)?,
+            format!("cuda:{ordinal} device-to-device copy, read + written"),
+        )),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+    }
+}
+
 /// Best-of-3 read bandwidth over a 512 MiB buffer, in GB/s.
 fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
     let words = 64 << 20;
@@ -131,10 +162,12 @@ fn llama_bench(
     model: &Path,
     threads: usize,
     reps: usize,
+    device: Device,
 ) -> anyhow::Result<(f64, f64)> {
     let out = std::process::Command::new(bin)
         .args(["-m"])
         .arg(model)
+        .args(["-ngl", gpu_layers(device)])
         .args([
             "-t",
             &threads.to_string(),
@@ -203,22 +236,34 @@ impl Drop for Child {
     }
 }
 
-/// Runs llama.cpp's llama-server with 8 slots and returns its total decode rate
-/// over 8 concurrent requests of 128 tokens each (prompts of 8 tokens, as ours).
-fn llama_server_batch8(
+/// llama.cpp's `-ngl`: every layer on the GPU, or none.
+fn gpu_layers(device: Device) -> &'static str {
+    match device {
+        Device::Cpu => "0",
+        Device::Cuda(_) => "99",
+    }
+}
+
+/// Runs llama.cpp's llama-server with one slot per prompt and returns its
+/// total decode rate over concurrent requests of 128 tokens each (the
+/// prompts of 8 tokens, as ours).
+fn llama_server_batch(
     bin: &Path,
     model: &Path,
     threads: usize,
+    device: Device,
     prompts: &[Vec<u32>],
 ) -> anyhow::Result<f64> {
     let port = free_port()?;
+    let slots = prompts.len();
     let child = std::process::Command::new(bin)
         .arg("-m")
         .arg(model)
-        .args(["-t", &threads.to_string(), "-np", &BATCH.to_string()])
+        .args(["-t", &threads.to_string(), "-np", &slots.to_string()])
+        .args(["-ngl", gpu_layers(device)])
         .args([
             "-c",
-            &(BATCH * 512).to_string(),
+            &(slots * 512).to_string(),
             "--port",
             &port.to_string(),
         ])
@@ -318,35 +363,35 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
             vec![decode_request(next_prompt(1))],
         )?));
     }
-    let mut batch = Vec::new();
-    for _ in 0..reps {
-        let requests = (0..BATCH).map(|_| decode_request(next_prompt(8))).collect();
-        batch.push(rate(&run_all(&engine, requests)?));
+    let mut batches = Vec::new();
+    for n in BATCHES {
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            let requests = (0..n).map(|_| decode_request(next_prompt(8))).collect();
+            runs.push(rate(&run_all(&engine, requests)?));
+        }
+        batches.push(mean(&runs));
     }
     drop(engine);
 
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building a thread pool")?;
-    let bandwidth = read_bandwidth(&pool);
+    let (bandwidth, bandwidth_measured) = bandwidth(opts.device, threads)?;
     let file = tandem_engine::gguf::GgufFile::open(&opts.model)?;
     let model = tandem_engine::model::Model::load(file)?;
     let weight_bytes = model.weight_bytes_per_token();
     let llama = match &opts.llama_bench {
-        Some(bin) => Some(llama_bench(bin, &opts.model, threads, reps)?),
+        Some(bin) => Some(llama_bench(bin, &opts.model, threads, reps, opts.device)?),
         None => None,
     };
-    let server = match &opts.llama_server {
-        Some(bin) => {
-            let prompts: Vec<Vec<u32>> = (0..BATCH).map(|_| next_prompt(8)).collect();
+    let mut server = Vec::new();
+    if let Some(bin) = &opts.llama_server {
+        for n in BATCHES {
+            let prompts: Vec<Vec<u32>> = (0..n).map(|_| next_prompt(8)).collect();
             let runs = (0..reps)
-                .map(|_| llama_server_batch8(bin, &opts.model, threads, &prompts))
+                .map(|_| llama_server_batch(bin, &opts.model, threads, opts.device, &prompts))
                 .collect::<anyhow::Result<Vec<f64>>>()?;
-            Some(mean(&runs))
+            server.push(mean(&runs));
         }
-        None => None,
-    };
+    }
 
     let report = EngineBenchReport {
         model: model.config().name.clone(),
@@ -355,13 +400,16 @@ pub fn engine(opts: &EngineBenchOptions) -> anyhow::Result<()> {
         simd: tandem_engine::cpu::simd_level(),
         prefill_tok_s: mean(&prefill),
         decode_tok_s: mean(&decode),
-        batch8_decode_tok_s: mean(&batch),
+        batch8_decode_tok_s: batches[0],
+        batch64_decode_tok_s: batches[1],
+        bandwidth_measured,
         read_bandwidth_gb_s: bandwidth,
         weight_bytes_per_token: weight_bytes,
         decode_bound_tok_s: bandwidth * 1e9 / weight_bytes as f64,
         llamacpp_prefill_tok_s: llama.map(|l| l.0),
         llamacpp_decode_tok_s: llama.map(|l| l.1),
-        llamacpp_server_batch8_tok_s: server,
+        llamacpp_server_batch8_tok_s: server.first().copied(),
+        llamacpp_server_batch64_tok_s: server.get(1).copied(),
     };
     if opts.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -397,13 +445,23 @@ fn print_table(r: &EngineBenchReport) {
         llama(r.llamacpp_server_batch8_tok_s)
     );
     println!(
-        "8 streams / 1 stream: {:.2}x",
-        r.batch8_decode_tok_s / r.decode_tok_s.max(f64::MIN_POSITIVE)
+        "{:<34} {:>12.1} {:>12}",
+        "decode, 64 streams (total tok/s)",
+        r.batch64_decode_tok_s,
+        llama(r.llamacpp_server_batch64_tok_s)
+    );
+    let single = r.decode_tok_s.max(f64::MIN_POSITIVE);
+    println!(
+        "8 streams / 1 stream: {:.2}x, 64 streams / 1 stream: {:.2}x",
+        r.batch8_decode_tok_s / single,
+        r.batch64_decode_tok_s / single
     );
     println!(
-        "decode bound: {:.1} GB/s read / {:.1} MB per token = {:.0} tok/s",
+        "decode bound: {:.1} GB/s ({}) / {:.1} MB per token = {:.0} tok/s; single stream at {:.0}%",
         r.read_bandwidth_gb_s,
+        r.bandwidth_measured,
         r.weight_bytes_per_token as f64 / 1e6,
-        r.decode_bound_tok_s
+        r.decode_bound_tok_s,
+        100.0 * r.decode_tok_s / r.decode_bound_tok_s.max(f64::MIN_POSITIVE)
     );
 }

@@ -140,7 +140,7 @@ pub fn run(opts: &GenerateOptions) -> anyhow::Result<()> {
             }
         }
     }
-    anyhow::bail!("the engine stopped before the request finished")
+    Err(engine.stop_reason()).context("the request did not finish")
 }
 
 /// Runs `tandem tokenize`: loads only the tokenizer, not the weights.

@@ -124,7 +124,7 @@ enum BenchCommand {
         /// Also run llama.cpp's `llama-bench` at this path on the same file and threads.
         #[arg(long, value_name = "PATH")]
         llama_bench: Option<PathBuf>,
-        /// Also run llama.cpp's `llama-server` at this path with 8 concurrent streams.
+        /// Also run llama.cpp's `llama-server` at this path with 8 and 64 concurrent streams.
         #[arg(long, value_name = "PATH")]
         llama_server: Option<PathBuf>,
         /// Timed repetitions of each measurement.

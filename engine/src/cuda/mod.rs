@@ -137,6 +137,44 @@ pub fn probe(ordinal: usize) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Device-memory bandwidth of GPU `ordinal` in GB/s, for benchmarks' decode
+/// bound: the best of five device-to-device copies of 512 MiB, counting the
+/// bytes read and the bytes written.
+pub fn device_bandwidth(ordinal: usize) -> Result<f64, CudaError> {
+    const BYTES: usize = 512 << 20;
+    probe(ordinal)?;
+    let ctx = CudaContext::new(ordinal).ctx(format!("creating a context on device {ordinal}"))?;
+    ctx.bind_to_thread().ctx("making the context current")?;
+    // SAFETY: plain allocations in the current context, freed below.
+    let src = unsafe { cu::malloc_sync(BYTES) }.ctx("allocating 512 MiB")?;
+    let dst = match unsafe { cu::malloc_sync(BYTES) } {
+        Ok(p) => p,
+        Err(e) => {
+            // SAFETY: allocated above, freed once.
+            let _ = unsafe { cu::free_sync(src) };
+            return Err(e).ctx("allocating 512 MiB");
+        }
+    };
+    let measure = || -> Result<f64, CudaError> {
+        // SAFETY: both allocations hold BYTES bytes.
+        unsafe { cu::memset_d8_sync(src, 1, BYTES) }.ctx("filling the source")?;
+        let mut best = 0.0f64;
+        for _ in 0..6 {
+            let t = std::time::Instant::now();
+            // SAFETY: as above; the copy is complete after the synchronize.
+            unsafe { cu::memcpy_dtod_sync(dst, src, BYTES) }.ctx("copying device memory")?;
+            cu::ctx::synchronize().ctx("waiting for the copy")?;
+            best = best.max((2 * BYTES) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
+    };
+    let result = measure();
+    // SAFETY: allocated above, freed once.
+    let _ = unsafe { cu::free_sync(dst) };
+    let _ = unsafe { cu::free_sync(src) };
+    result
+}
+
 /// The driver library names cudarc tries.
 fn driver_candidates() -> Vec<String> {
     let mut names: Vec<String> = Vec::new();
