@@ -286,6 +286,13 @@ mod tests {
         }
     }
 
+    async fn set_desired(store: &MemStore, cluster: &str, role: Role, n: u32) {
+        store
+            .put(&keys::planner_desired(cluster, role), desired(n), None)
+            .await
+            .expect("put");
+    }
+
     fn desired(n: u32) -> Vec<u8> {
         serde_json::to_vec(&Desired {
             replicas: n,
@@ -308,27 +315,15 @@ mod tests {
     #[tokio::test]
     async fn scales_to_the_existing_then_the_changed_desired_counts() {
         let store = MemStore::new();
-        store
-            .put(&keys::planner_desired("c", Role::Decode), desired(2), None)
-            .await
-            .expect("put");
+        set_desired(&store, "c", Role::Decode, 2).await;
         let fake = Arc::new(Fake::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(reconcile(store.clone(), "c".into(), fake.clone(), stopped));
         wait_for(&fake, Role::Decode, 2).await;
-        store
-            .put(&keys::planner_desired("c", Role::Prefill), desired(3), None)
-            .await
-            .expect("put");
-        store
-            .put(&keys::planner_desired("c", Role::Decode), desired(1), None)
-            .await
-            .expect("put");
+        set_desired(&store, "c", Role::Prefill, 3).await;
+        set_desired(&store, "c", Role::Decode, 1).await;
         // Another cluster's keys are not ours.
-        store
-            .put(&keys::planner_desired("d", Role::Decode), desired(5), None)
-            .await
-            .expect("put");
+        set_desired(&store, "d", Role::Decode, 5).await;
         wait_for(&fake, Role::Prefill, 3).await;
         wait_for(&fake, Role::Decode, 1).await;
         stop.send(true).expect("stop");
@@ -347,10 +342,7 @@ mod tests {
             crash_window: Duration::from_secs(60),
         };
         let store = MemStore::new();
-        store
-            .put(&keys::planner_desired("c", Role::Decode), desired(2), None)
-            .await
-            .expect("put");
+        set_desired(&store, "c", Role::Decode, 2).await;
         let fake = Arc::new(Fake::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(reconcile_with(
