@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -520,11 +521,37 @@ impl Link {
     }
 }
 
+/// When the device call in progress on the engine thread began, if one is.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<Mutex<Option<Instant>>>);
+
+impl Busy {
+    fn enter(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn leave(&self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    fn elapsed(&self) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|t| t.elapsed())
+    }
+}
+
+/// A device call running longer than this when the engine is dropped is taken
+/// for a hung device: the drop leaves its thread behind instead of waiting.
+const HUNG_AT_DROP: Duration = Duration::from_secs(10);
+
 /// A running engine. Dropping it stops the engine thread.
 pub struct Engine {
     shared: Arc<Shared>,
     link: Link,
     load: Arc<Mutex<LoadReport>>,
+    busy: Busy,
     events: broadcast::Sender<KvEvent>,
     next_id: std::sync::atomic::AtomicU64,
     kv_writes: Arc<tokio::sync::Semaphore>,
@@ -589,6 +616,7 @@ impl Engine {
         let (events, _) = broadcast::channel(4096);
         let (tx, rx) = mpsc::channel();
         let (failure_tx, failure) = watch::channel(None);
+        let busy = Busy::default();
         let mut core = Core {
             shared: shared.clone(),
             backend,
@@ -599,6 +627,7 @@ impl Engine {
             retained: HashMap::new(),
             reservations: HashMap::new(),
             load: load.clone(),
+            busy: busy.clone(),
             events: events.clone(),
             steps: 0,
             tokens_computed: 0,
@@ -616,6 +645,7 @@ impl Engine {
                 failure,
             },
             load,
+            busy,
             events,
             next_id: std::sync::atomic::AtomicU64::new(1),
             kv_writes: Arc::new(tokio::sync::Semaphore::new(KV_WRITES_IN_FLIGHT)),
@@ -808,6 +838,13 @@ impl Engine {
         self.link.stopped()
     }
 
+    /// How long the forward pass in progress has run, if one is. A step
+    /// takes milliseconds to seconds; one that never returns is a hung device,
+    /// which no error reports: a worker's watchdog reads this.
+    pub fn busy_for(&self) -> Option<Duration> {
+        self.busy.elapsed()
+    }
+
     /// The device failure that stopped this engine, if one did.
     pub fn failure(&self) -> Option<BackendError> {
         self.link.failure.borrow().clone()
@@ -832,9 +869,17 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.link.send(Command::Shutdown);
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
+        let Some(t) = self.thread.take() else { return };
+        if let Some(busy) = self.busy.elapsed().filter(|b| *b > HUNG_AT_DROP) {
+            // Joining would wait forever on a hung device; the thread ends
+            // with the process (or by itself once the call returns).
+            tracing::error!(
+                ?busy,
+                "the engine thread is stuck in a device call; leaving it behind"
+            );
+            return;
+        }
+        if t.join().is_err() {
             tracing::error!("engine thread panicked");
         }
     }
@@ -947,6 +992,7 @@ struct Core {
     retained: HashMap<u64, Retained>,
     reservations: HashMap<u64, Reserved>,
     load: Arc<Mutex<LoadReport>>,
+    busy: Busy,
     events: broadcast::Sender<KvEvent>,
     steps: u64,
     tokens_computed: u64,
@@ -1380,7 +1426,9 @@ impl Core {
                 });
             }
         };
+        self.busy.enter();
         let forward = self.backend.forward(&batch, &mut send_layer);
+        self.busy.leave();
         drop(batch);
         let logits = match (forward, read_failed) {
             (Ok(logits), None) => logits,
@@ -1651,6 +1699,8 @@ mod tests {
         inner: CpuBackend,
         forwards_left: usize,
         unreadable: bool,
+        /// Each step waits for a message here first (a slow or hung device).
+        gate: Option<mpsc::Receiver<()>>,
     }
 
     struct Unreadable;
@@ -1676,6 +1726,9 @@ mod tests {
             batch: &[BatchSeq<'_>],
             on_layer: crate::backend::LayerHook<'_>,
         ) -> Result<Vec<f32>, BackendError> {
+            if let Some(gate) = &self.gate {
+                let _ = gate.recv();
+            }
             if self.forwards_left == 0 {
                 return Err(BackendError("injected step fault".into()));
             }
@@ -1706,6 +1759,14 @@ mod tests {
     }
 
     fn faulty_engine(forwards_left: usize, unreadable: bool) -> Engine {
+        faulty_engine_gated(forwards_left, unreadable, None)
+    }
+
+    fn faulty_engine_gated(
+        forwards_left: usize,
+        unreadable: bool,
+        gate: Option<mpsc::Receiver<()>>,
+    ) -> Engine {
         let config = EngineConfig {
             kv_cache_tokens: 1024,
             threads: Some(2),
@@ -1719,6 +1780,7 @@ mod tests {
             inner: CpuBackend::new(model, config.block_size, blocks),
             forwards_left,
             unreadable,
+            gate,
         };
         Engine::start(config, tokenizer, None, Box::new(backend)).expect("engine")
     }
@@ -1788,6 +1850,31 @@ mod tests {
         assert!(chunks.blocking_recv().is_none(), "no KV left the engine");
         let failure = engine.failure().expect("the failure is recorded");
         assert!(failure.0.contains("injected KV read fault"), "{failure}");
+    }
+
+    /// `busy_for` says how long the step in progress has been in the device:
+    /// nothing while idle, a growing figure while a step hangs, nothing again
+    /// once it returns.
+    #[test]
+    fn busy_for_measures_a_step_stuck_in_the_device() {
+        let (open, gate) = mpsc::channel();
+        let engine = faulty_engine_gated(usize::MAX, false, Some(gate));
+        assert_eq!(engine.busy_for(), None, "idle");
+        let mut h = engine
+            .submit(Request::new((1..20).collect(), 1))
+            .expect("submit");
+        let start = Instant::now();
+        while engine
+            .busy_for()
+            .is_none_or(|b| b < Duration::from_millis(300))
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "never busy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        open.send(()).expect("release the step");
+        assert_eq!(drain(&mut h), (1, true));
+        assert_eq!(engine.busy_for(), None, "idle again");
+        drop(open);
     }
 
     #[test]

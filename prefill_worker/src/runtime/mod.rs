@@ -109,6 +109,10 @@ pub struct CommonArgs {
     /// How long a shutdown waits for in-flight requests, seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub drain_timeout: u64,
+    /// An engine step still in the device after this long is taken for a hung
+    /// device: the worker leaves the cluster and exits non-zero (0: never).
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    pub step_timeout: u64,
 }
 
 impl CommonArgs {
@@ -132,6 +136,7 @@ impl CommonArgs {
             max_batch_tokens: None,
             lease_ttl: 10,
             drain_timeout: 30,
+            step_timeout: 120,
         }
     }
 
@@ -552,6 +557,10 @@ where
         r = &mut grpc => Some(format!("the gRPC server stopped: {}", describe(r))),
         r = &mut http => Some(format!("the HTTP server stopped: {}", describe(r))),
         e = worker.engine.failed() => Some(format!("the engine stopped after its device failed: {e}")),
+        busy = hung(&worker.engine, Duration::from_secs(args.step_timeout)) => Some(format!(
+            "an engine step has been in the device for {busy:.0?} (--step-timeout {}s): the device looks hung",
+            args.step_timeout
+        )),
     };
     card_task.abort();
     if let Some(reason) = failed {
@@ -613,6 +622,21 @@ where
     Ok(())
 }
 
+/// Resolves when an engine step has been in the device longer than `limit`
+/// (a hung device reports no error); never when `limit` is zero.
+async fn hung(engine: &Engine, limit: Duration) -> Duration {
+    if limit.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(limit));
+    loop {
+        tick.tick().await;
+        if let Some(busy) = engine.busy_for().filter(|b| *b > limit) {
+            return busy;
+        }
+    }
+}
+
 type ServerResult = Result<anyhow::Result<()>, tokio::task::JoinError>;
 
 fn error_of(r: ServerResult) -> Option<String> {
@@ -647,6 +671,31 @@ async fn publish_card(store: AnyStore, key: String, value: Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hung-device watchdog trips on a step that outlasts its limit (here
+    /// a real 500-token prefill against 20 ms), and never with the limit 0.
+    #[tokio::test]
+    async fn the_watchdog_trips_on_a_step_longer_than_its_limit() {
+        let config = EngineConfig {
+            kv_cache_tokens: 1024,
+            threads: Some(1),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::load(tandem_engine::paths::test_model_path(), config).expect("engine");
+        let off = hung(&engine, Duration::ZERO);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), off)
+                .await
+                .is_err()
+        );
+        let request = tandem_engine::engine::Request::new((1..500).collect(), 1);
+        let _handle = engine.submit(request).expect("submit");
+        let limit = Duration::from_millis(20);
+        let busy = tokio::time::timeout(Duration::from_secs(60), hung(&engine, limit))
+            .await
+            .expect("the prefill step outlasts 20 ms");
+        assert!(busy > limit, "{busy:?}");
+    }
 
     #[test]
     fn model_names_drop_the_quantization_suffix() {
