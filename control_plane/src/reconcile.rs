@@ -11,13 +11,15 @@
 //! desired count: workers that exited on their own (a crash, a device failure)
 //! are replaced, at once the first time and then after a pause that doubles
 //! (5 s up to a minute) while replacements keep dying within two minutes of
-//! each other, so a worker that cannot start does not spin.
+//! each other, so a worker that cannot start does not spin. Each replacement
+//! goes into the planner's decision log (`by: "reconcile"`), where operators
+//! read scaling history.
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_protocol::Desired;
+use tandem_protocol::{Desired, PlannerDecision, unix_ms};
 use tandem_protocol::{Role, keys};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -78,17 +80,23 @@ async fn reconcile_with<S: Store, C: Connector>(
     mut stop: watch::Receiver<bool>,
     resync: Resync,
 ) {
+    let store = Arc::new(store);
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
     for role in WORKER_ROLES {
         let (tx, rx) = watch::channel::<Option<u32>>(None);
         senders.push((role, tx));
+        let log = DecisionLog {
+            store: store.clone(),
+            cluster: cluster.clone(),
+        };
         tasks.push(tokio::spawn(scale_role(
             role,
             connector.clone(),
             rx,
             stop.clone(),
             resync,
+            log,
         )));
     }
     let send = |role: Role, replicas: u32| {
@@ -103,7 +111,7 @@ async fn reconcile_with<S: Store, C: Connector>(
         }
     };
     loop {
-        let followed = follow(&store, &cluster, &send);
+        let followed = follow(&*store, &cluster, &send);
         let err = tokio::select! {
             e = followed => e,
             _ = stop.wait_for(|s| *s) => break,
@@ -178,12 +186,43 @@ fn parse(prefix: &str, key: &str, value: &[u8]) -> Option<(Role, Desired)> {
 }
 
 /// Scales one role to the latest desired count, retrying failures.
-async fn scale_role<C: Connector>(
+/// Where a role's task records the replacements it starts.
+struct DecisionLog<S> {
+    store: Arc<S>,
+    cluster: String,
+}
+
+impl<S: Store> DecisionLog<S> {
+    async fn replaced(&self, role: Role, running: u32, desired: u32, pause: Duration) {
+        let missing = desired - running;
+        let mut reason =
+            format!("{missing} {role} worker(s) exited on their own; starting replacements");
+        if !pause.is_zero() {
+            reason.push_str(&format!(" after {} s (they keep exiting)", pause.as_secs()));
+        }
+        let decision = PlannerDecision {
+            at_ms: unix_ms(),
+            role,
+            from: running,
+            to: desired,
+            reason,
+            by: "reconcile".into(),
+        };
+        if let Err(e) =
+            crate::planner::append_decision(&*self.store, &self.cluster, &decision).await
+        {
+            tracing::warn!(%role, error = %e, "cannot log the replacement");
+        }
+    }
+}
+
+async fn scale_role<S: Store, C: Connector>(
     role: Role,
     connector: Arc<C>,
     mut desired: watch::Receiver<Option<u32>>,
     mut stop: watch::Receiver<bool>,
     resync: Resync,
+    log: DecisionLog<S>,
 ) {
     // Replacements in a row, and when the last one started.
     let mut restarts = 0u32;
@@ -231,6 +270,7 @@ async fn scale_role<C: Connector>(
                     %role, running, desired = replicas, ?pause,
                     "workers exited on their own; replacing them"
                 );
+                log.replaced(role, running, replicas, pause).await;
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     r = desired.changed() => if r.is_err() { return },
@@ -371,6 +411,17 @@ mod tests {
             );
         }
         assert_eq!(scales(), start + 4);
+        let logged = crate::planner::read_decisions(&store, "c", 10)
+            .await
+            .expect("decision log");
+        assert_eq!(logged.len(), 4, "{logged:?}");
+        assert!(
+            logged.iter().all(|d| d.by == "reconcile"
+                && d.role == Role::Decode
+                && (d.from, d.to) == (1, 2)
+                && d.reason.contains("exited on their own")),
+            "{logged:?}"
+        );
         stop.send(true).expect("stop");
         task.await.expect("reconcile ends");
     }

@@ -125,7 +125,7 @@ pub struct PlannerDecision {
     pub to: u32,
     /// Why, in words an operator reads ("ITL p50 212 ms over the 150 ms target").
     pub reason: String,
-    /// `planner` or `operator`.
+    /// `planner`, `operator`, or `reconcile` (workers that exited replaced).
     pub by: String,
 }
 
