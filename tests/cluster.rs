@@ -590,6 +590,17 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     }
     let (text, _) = chat(&c, &api, "Say hi to the new workers.", 4);
     assert!(!text.is_empty(), "the replaced cluster serves");
+    let log: Value = serde_json::from_str(&ctl(&["decisions", "--json"])).expect("JSON");
+    let replaced = |role: &str| {
+        log["decisions"].as_array().is_some_and(|ds| {
+            ds.iter()
+                .any(|d| d["by"] == "reconcile" && d["role"] == role)
+        })
+    };
+    assert!(
+        replaced("prefill") && replaced("decode"),
+        "the decision log records the replacements: {log}"
+    );
 
     eprintln!("cluster test: stopping");
     signal(agg_router.0.id(), libc::SIGTERM);
