@@ -55,6 +55,7 @@ pub struct EngineBenchReport {
     /// llama-server's total decode rates with 8 and 64 concurrent streams.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llamacpp_server_batch8_tok_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub llamacpp_server_batch64_tok_s: Option<f64>,
 }
 
