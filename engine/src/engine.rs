@@ -542,9 +542,9 @@ impl Busy {
     }
 }
 
-/// A device call running longer than this when the engine is dropped is taken
-/// for a hung device: the drop leaves its thread behind instead of waiting.
-const HUNG_AT_DROP: Duration = Duration::from_secs(10);
+/// How long dropping an engine waits for its thread to finish the step in
+/// progress; past it the device is taken for hung and the thread left behind.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A running engine. Dropping it stops the engine thread.
 pub struct Engine {
@@ -552,6 +552,8 @@ pub struct Engine {
     link: Link,
     load: Arc<Mutex<LoadReport>>,
     busy: Busy,
+    /// [`STOP_GRACE`] (shorter in tests).
+    stop_grace: Duration,
     events: broadcast::Sender<KvEvent>,
     next_id: std::sync::atomic::AtomicU64,
     kv_writes: Arc<tokio::sync::Semaphore>,
@@ -646,6 +648,7 @@ impl Engine {
             },
             load,
             busy,
+            stop_grace: STOP_GRACE,
             events,
             next_id: std::sync::atomic::AtomicU64::new(1),
             kv_writes: Arc::new(tokio::sync::Semaphore::new(KV_WRITES_IN_FLIGHT)),
@@ -870,14 +873,19 @@ impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.link.send(Command::Shutdown);
         let Some(t) = self.thread.take() else { return };
-        if let Some(busy) = self.busy.elapsed().filter(|b| *b > HUNG_AT_DROP) {
-            // Joining would wait forever on a hung device; the thread ends
-            // with the process (or by itself once the call returns).
-            tracing::error!(
-                ?busy,
-                "the engine thread is stuck in a device call; leaving it behind"
-            );
-            return;
+        // Joining would wait forever on a hung device: the thread then ends
+        // with the process (or by itself once the call returns).
+        let deadline = Instant::now() + self.stop_grace;
+        while !t.is_finished() {
+            if Instant::now() > deadline {
+                tracing::error!(
+                    busy = ?self.busy.elapsed(),
+                    "the engine thread did not stop in {:?}; leaving it behind",
+                    self.stop_grace
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         if t.join().is_err() {
             tracing::error!("engine thread panicked");
@@ -1874,6 +1882,29 @@ mod tests {
         open.send(()).expect("release the step");
         assert_eq!(drain(&mut h), (1, true));
         assert_eq!(engine.busy_for(), None, "idle again");
+        drop(open);
+    }
+
+    /// Dropping an engine whose step never returns (a hung device) gives up
+    /// on its thread after the grace period instead of hanging the caller.
+    #[test]
+    fn dropping_an_engine_stuck_in_the_device_does_not_hang() {
+        let (open, gate) = mpsc::channel::<()>();
+        let mut engine = faulty_engine_gated(usize::MAX, false, Some(gate));
+        engine.stop_grace = Duration::from_millis(300);
+        let _h = engine
+            .submit(Request::new((1..20).collect(), 1))
+            .expect("submit");
+        while engine.busy_for().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let start = Instant::now();
+        drop(engine);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
         drop(open);
     }
 
