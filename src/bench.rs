@@ -128,7 +128,7 @@ fn bandwidth(device: Device, threads: usize) -> anyhow::Result<(f64, String)> {
             format!("cuda:{ordinal} device-to-device copy, read + written"),
         )),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => anyhow::bail!("--device cuda needs a build with `--features cuda`"),
+        Device::Cuda(_) => Err(tandem_engine::device::DeviceError::CudaNotBuilt.into()),
     }
 }
 

@@ -185,7 +185,6 @@ fn parse(prefix: &str, key: &str, value: &[u8]) -> Option<(Role, Desired)> {
     }
 }
 
-/// Scales one role to the latest desired count, retrying failures.
 /// Where a role's task records the replacements it starts.
 struct DecisionLog<S> {
     store: Arc<S>,
@@ -216,6 +215,8 @@ impl<S: Store> DecisionLog<S> {
     }
 }
 
+/// Scales one role to the latest desired count, retrying failures, and
+/// replaces workers that exit while the count holds.
 async fn scale_role<S: Store, C: Connector>(
     role: Role,
     connector: Arc<C>,
@@ -239,25 +240,20 @@ async fn scale_role<S: Store, C: Connector>(
             r = connector.scale(role, replicas) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
-        match result {
+        let pause = match result {
             Ok(()) => {
-                // Hold the count until it changes, replacing workers that exit.
-                let missing = loop {
-                    tokio::select! {
-                        r = desired.changed() => if r.is_err() { return } else { break None },
-                        _ = stop.wait_for(|s| *s) => return,
-                        () = tokio::time::sleep(resync.every) => {}
-                    }
-                    match connector.running(role).await {
-                        Ok(n) if n < replicas => break Some(n),
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::warn!(%role, error = %e, "cannot count the running workers")
-                        }
-                    }
-                };
-                let Some(running) = missing else {
-                    continue;
+                let held = hold(
+                    role,
+                    &*connector,
+                    replicas,
+                    &mut desired,
+                    &mut stop,
+                    resync.every,
+                );
+                let running = match held.await {
+                    Held::Changed => continue,
+                    Held::Stopped => return,
+                    Held::Missing(running) => running,
                 };
                 let now = Instant::now();
                 restarts = match last_restart {
@@ -271,20 +267,51 @@ async fn scale_role<S: Store, C: Connector>(
                     "workers exited on their own; replacing them"
                 );
                 log.replaced(role, running, replicas, pause).await;
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    r = desired.changed() => if r.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
+                pause
             }
             Err(e) => {
                 tracing::warn!(%role, replicas, error = %e, "scaling failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(RETRY_AFTER) => {}
-                    r = desired.changed() => if r.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
+                RETRY_AFTER
             }
+        };
+        // Scale again after the pause, or at once to a new count.
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            r = desired.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// What ended [`hold`].
+enum Held {
+    /// The desired count changed.
+    Changed,
+    /// The task is to end.
+    Stopped,
+    /// Fewer workers run than wanted: this many.
+    Missing(u32),
+}
+
+/// Waits while `role` runs `replicas` workers, comparing every `every`.
+async fn hold<C: Connector>(
+    role: Role,
+    connector: &C,
+    replicas: u32,
+    desired: &mut watch::Receiver<Option<u32>>,
+    stop: &mut watch::Receiver<bool>,
+    every: Duration,
+) -> Held {
+    loop {
+        tokio::select! {
+            r = desired.changed() => return if r.is_err() { Held::Stopped } else { Held::Changed },
+            _ = stop.wait_for(|s| *s) => return Held::Stopped,
+            () = tokio::time::sleep(every) => {}
+        }
+        match connector.running(role).await {
+            Ok(n) if n < replicas => return Held::Missing(n),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%role, error = %e, "cannot count the running workers"),
         }
     }
 }

@@ -501,8 +501,8 @@ struct Link {
 impl Link {
     fn send(&self, cmd: Command) -> Result<(), EngineError> {
         // A failed engine may not have closed its queue yet.
-        if let Some(e) = self.failure.borrow().clone() {
-            return Err(EngineError::Failed(e));
+        if self.failure.borrow().is_some() {
+            return Err(self.stopped());
         }
         self.commands.send(cmd).map_err(|_| self.stopped())
     }
@@ -1065,16 +1065,15 @@ impl Core {
         // Set before the streams end, so a consumer that sees its stream end
         // finds the reason.
         self.failure_tx.send_replace(Some(e));
-        {
-            let mut report = self.load.lock().unwrap_or_else(PoisonError::into_inner);
-            report.running = 0;
-            report.waiting = 0;
-            report.pending_prefill_tokens = 0;
-        }
-        self.running.clear();
-        self.waiting.clear();
+        let held = (
+            std::mem::take(&mut self.running),
+            std::mem::take(&mut self.waiting),
+        );
         self.reservations.clear();
         self.retained.clear();
+        // The load shows nothing held before the streams end (with `held`).
+        self.publish();
+        drop(held);
     }
 
     /// Applies one command; false means shut down.
