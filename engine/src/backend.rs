@@ -25,23 +25,26 @@ pub struct BackendError(pub String);
 
 /// Reads KV pieces in the middle of a step.
 pub trait KvRead {
-    /// Appends the bytes of one block-layer piece to `out`.
-    fn read_kv_piece(
+    /// Appends `layer`'s piece of each of `blocks`, in order, to `out` (a GPU
+    /// backend gathers them in one copy).
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
 }
 
 impl KvRead for KvPool {
-    fn read_kv_piece(
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        out.extend_from_slice(self.piece_bytes(block, layer));
+        for &b in blocks {
+            out.extend_from_slice(self.piece_bytes(b, layer));
+        }
         Ok(())
     }
 }
@@ -64,13 +67,17 @@ pub trait Backend: Send {
     /// the new tokens written into its blocks, attention over its earlier ones.
     /// Returns `vocab_size` logits for each sequence that wants them, in batch order.
     ///
-    /// `on_layer(l, kv)` is called as soon as layer `l`'s K/V of this step are
-    /// final, while later layers still compute: a KV stream copies pieces out
-    /// through `kv` there, so a transfer overlaps the prefill.
+    /// `on_layer(l, kv)`, when given, is called once for each layer `l` in
+    /// order, after that layer's K/V of this step are final and while later
+    /// layers still compute: a KV stream copies pieces out through `kv` there,
+    /// so a transfer overlaps the prefill. (The CPU backend calls it as each
+    /// layer ends; the CUDA backend a layer later, so the copy never stalls the
+    /// launches.) Without a hook a backend may run the step as one unit (the
+    /// CUDA backend replays a captured graph).
     fn forward(
         &mut self,
         batch: &[BatchSeq<'_>],
-        on_layer: LayerHook<'_>,
+        on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, BackendError>;
 
     /// Appends the bytes of one block-layer piece to `out`.
@@ -128,12 +135,14 @@ impl Backend for CpuBackend {
     fn forward(
         &mut self,
         batch: &[BatchSeq<'_>],
-        on_layer: LayerHook<'_>,
+        mut on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, BackendError> {
         Ok(self
             .model
             .forward(&mut self.pool, batch, &mut self.scratch, &mut |l, pool| {
-                on_layer(l, pool)
+                if let Some(hook) = on_layer.as_mut() {
+                    hook(l, pool)
+                }
             }))
     }
 
@@ -143,7 +152,7 @@ impl Backend for CpuBackend {
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        KvRead::read_kv_piece(&self.pool, block, layer, out)
+        KvRead::read_kv_pieces(&self.pool, &[block], layer, out)
     }
 
     fn write_kv_piece(

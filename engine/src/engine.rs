@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc, watch};
 
-use crate::backend::{Backend, BackendError, CpuBackend, KvRead};
+use crate::backend::{Backend, BackendError, CpuBackend, KvRead, LayerHook};
 use crate::chat_template::ChatTemplate;
 use crate::device::{Device, DeviceError};
 use crate::gguf::GgufFile;
@@ -1415,11 +1415,7 @@ impl Core {
             }
             for p in &pending {
                 let mut data = Vec::with_capacity(p.blocks.len() * piece_bytes);
-                if let Err(e) = p
-                    .blocks
-                    .iter()
-                    .try_for_each(|&b| kv.read_kv_piece(b, layer, &mut data))
-                {
+                if let Err(e) = kv.read_kv_pieces(&p.blocks, layer, &mut data) {
                     read_failed = Some(e);
                     return;
                 }
@@ -1434,7 +1430,13 @@ impl Core {
             }
         };
         self.busy.enter();
-        let forward = self.backend.forward(&batch, &mut send_layer);
+        // Without a stream to feed, the backend may run the step as one unit.
+        let hook: Option<LayerHook<'_>> = if pending.is_empty() {
+            None
+        } else {
+            Some(&mut send_layer)
+        };
+        let forward = self.backend.forward(&batch, hook);
         self.busy.leave();
         drop(batch);
         let logits = match (forward, read_failed) {
@@ -1713,7 +1715,12 @@ mod tests {
     struct Unreadable;
 
     impl KvRead for Unreadable {
-        fn read_kv_piece(&self, _: BlockId, _: usize, _: &mut Vec<u8>) -> Result<(), BackendError> {
+        fn read_kv_pieces(
+            &self,
+            _: &[BlockId],
+            _: usize,
+            _: &mut Vec<u8>,
+        ) -> Result<(), BackendError> {
             Err(BackendError("injected KV read fault".into()))
         }
     }
@@ -1731,7 +1738,7 @@ mod tests {
         fn forward(
             &mut self,
             batch: &[BatchSeq<'_>],
-            on_layer: crate::backend::LayerHook<'_>,
+            on_layer: Option<crate::backend::LayerHook<'_>>,
         ) -> Result<Vec<f32>, BackendError> {
             if let Some(gate) = &self.gate {
                 let _ = gate.recv();
@@ -1740,11 +1747,11 @@ mod tests {
                 return Err(BackendError("injected step fault".into()));
             }
             self.forwards_left -= 1;
-            if self.unreadable {
-                self.inner
-                    .forward(batch, &mut |l, _| on_layer(l, &Unreadable))
-            } else {
-                self.inner.forward(batch, on_layer)
+            match on_layer {
+                Some(hook) if self.unreadable => self
+                    .inner
+                    .forward(batch, Some(&mut |l, _| hook(l, &Unreadable))),
+                on_layer => self.inner.forward(batch, on_layer),
             }
         }
         fn read_kv_piece(

@@ -259,12 +259,30 @@ impl Launch for Emu {
     }
 }
 
+/// A launch as recorded during a capture.
+#[derive(Debug, Clone)]
+struct Recorded {
+    k: Kernel,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: Vec<Arg>,
+}
+
 /// Host memory and the emulated kernels behind the [`Device`] interface, so
 /// the whole `CudaBackend` runs here (slowly): device pointers are the
-/// addresses of host allocations this keeps.
+/// addresses of host allocations this keeps. Graphs behave as CUDA's do:
+/// launches during a capture are recorded, not run, with their arguments as
+/// they were then; copies and waits during a capture are errors; a replay
+/// runs the recorded launches.
 pub(crate) struct EmuDevice {
     emu: &'static Emu,
     mem: Mutex<HashMap<u64, Box<[u64]>>>,
+    capture: Mutex<Option<Vec<Recorded>>>,
+    graphs: Mutex<HashMap<u64, Vec<Recorded>>>,
+    next_graph: std::sync::atomic::AtomicU64,
+    /// Layers marked since the last plain `sync`, for `gather` to check.
+    marked: Mutex<Vec<usize>>,
 }
 
 impl EmuDevice {
@@ -272,7 +290,26 @@ impl EmuDevice {
         Ok(Self {
             emu: Emu::get()?,
             mem: Mutex::new(HashMap::new()),
+            capture: Mutex::new(None),
+            graphs: Mutex::new(HashMap::new()),
+            next_graph: std::sync::atomic::AtomicU64::new(1),
+            marked: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Graphs alive (captured and not dropped).
+    pub(crate) fn live_graphs(&self) -> usize {
+        lock(&self.graphs).len()
+    }
+
+    /// Refuses what a stream in capture refuses.
+    fn not_capturing(&self, what: &str) -> Result<(), CudaError> {
+        if lock(&self.capture).is_some() {
+            return Err(CudaError::Batch(format!(
+                "{what} on a stream that is capturing a graph"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks that `[ptr, ptr + n)` lies inside one allocation.
@@ -291,6 +328,10 @@ impl EmuDevice {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Launch for EmuDevice {
     fn launch(
         &self,
@@ -300,6 +341,17 @@ impl Launch for EmuDevice {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
+        if let Some(rec) = lock(&self.capture).as_mut() {
+            check_grid(k, grid)?;
+            rec.push(Recorded {
+                k,
+                grid,
+                block,
+                smem,
+                args: args.to_vec(),
+            });
+            return Ok(());
+        }
         self.emu.launch(k, grid, block, smem, args)
     }
 }
@@ -323,6 +375,7 @@ impl Device for EmuDevice {
     }
 
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        self.not_capturing("a copy in")?;
         self.check(dst, src.len())?;
         // SAFETY: checked to lie inside a live allocation of ours.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
@@ -330,6 +383,7 @@ impl Device for EmuDevice {
     }
 
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError> {
+        self.not_capturing("a copy out")?;
         self.check(src, dst.len())?;
         // SAFETY: as above.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
@@ -337,6 +391,7 @@ impl Device for EmuDevice {
     }
 
     fn zero(&self, dst: u64, bytes: usize) -> Result<(), CudaError> {
+        self.not_capturing("a memset")?;
         self.check(dst, bytes)?;
         // SAFETY: as above.
         unsafe { std::ptr::write_bytes(dst as *mut u8, 0, bytes) };
@@ -344,6 +399,8 @@ impl Device for EmuDevice {
     }
 
     fn sync(&self) -> Result<(), CudaError> {
+        self.not_capturing("a wait")?;
+        lock(&self.marked).clear();
         Ok(())
     }
 
@@ -353,5 +410,65 @@ impl Device for EmuDevice {
 
     fn describe(&self) -> String {
         "host emulation".into()
+    }
+
+    fn mark(&self, layer: usize) -> Result<(), CudaError> {
+        self.not_capturing("an event")?;
+        lock(&self.marked).push(layer);
+        Ok(())
+    }
+
+    fn gather(&self, dst: &mut [u8], srcs: &[u64], after: Option<usize>) -> Result<(), CudaError> {
+        self.not_capturing("a copy out")?;
+        if let Some(layer) = after
+            && !lock(&self.marked).contains(&layer)
+        {
+            return Err(CudaError::Batch(format!(
+                "a copy waits for layer {layer}'s mark, never recorded"
+            )));
+        }
+        let Some(piece) = dst.len().checked_div(srcs.len()) else {
+            return Ok(());
+        };
+        for (out, &src) in dst.chunks_mut(piece).zip(srcs) {
+            self.dtoh(out, src)?;
+        }
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        let mut c = lock(&self.capture);
+        if c.is_some() {
+            return Err(CudaError::Batch("a capture inside a capture".into()));
+        }
+        *c = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<u64, CudaError> {
+        let rec = lock(&self.capture)
+            .take()
+            .ok_or_else(|| CudaError::Batch("no capture to end".into()))?;
+        let id = self
+            .next_graph
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.graphs).insert(id, rec);
+        Ok(id)
+    }
+
+    fn replay(&self, graph: u64) -> Result<(), CudaError> {
+        self.not_capturing("a graph launch")?;
+        let rec = lock(&self.graphs)
+            .get(&graph)
+            .cloned()
+            .ok_or_else(|| CudaError::Batch(format!("no graph {graph}")))?;
+        for r in rec {
+            self.emu.launch(r.k, r.grid, r.block, r.smem, &r.args)?;
+        }
+        Ok(())
+    }
+
+    fn drop_graph(&self, graph: u64) {
+        lock(&self.graphs).remove(&graph);
     }
 }

@@ -14,17 +14,19 @@
 //! set of launches per layer on one stream; the logits of the rows that want
 //! them come back to the host as f32, where the engine samples.
 //!
-//! Not done yet, and where it would go:
-//! - CUDA graphs: the decode step's launches depend only on the batch's sizes,
-//!   so `forward` could capture one graph per (tokens, sequences) bucket and
-//!   replay it with the index buffers updated in place.
-//! - A second stream for KV export: `on_layer` now copies pieces out on the
-//!   compute stream (waiting for that layer, then resuming); recording an event
-//!   after each layer's attention and copying on a copy stream into pinned
-//!   buffers would overlap the copies with later layers.
-//! - GPUDirect RDMA: a transport that registers the pool's device memory could
-//!   write received pieces straight into it, replacing the staging copies of
-//!   `write_kv_piece`, behind the same `Transport` trait.
+//! A decode step (one token per sequence) that feeds no KV stream is captured
+//! as a CUDA graph the first time its shape (rows, logit rows) is seen and
+//! replayed after that ([`Graphs`]): every per-step quantity is read from the
+//! index buffer, so only the upload changes. A step that feeds a KV stream
+//! marks each layer with an event once its K/V are written, and the engine's
+//! reads for that layer run on a second stream after the event, gathered into
+//! pinned memory in one batch, while the compute stream goes on with later
+//! layers (the hook for layer `l` runs once layer `l + 1` is queued).
+//!
+//! Not done yet, and where it would go: GPUDirect RDMA. A transport that
+//! registers the pool's device memory could write received pieces straight
+//! into it, replacing the staging copies of `write_kv_piece`, behind the same
+//! `Transport` trait.
 
 #[cfg(test)]
 mod emulate;
@@ -259,6 +261,27 @@ pub(crate) trait Device: Launch {
     fn bind(&self) -> Result<(), CudaError>;
     /// The device for logs (`NVIDIA H100 80GB HBM3, sm_90`).
     fn describe(&self) -> String;
+
+    /// Marks the point in the launch order where layer `layer`'s K/V of the
+    /// step are final (a CUDA event), for [`Device::gather`] to wait for.
+    fn mark(&self, layer: usize) -> Result<(), CudaError>;
+    /// Copies `srcs.len()` equal pieces of `dst.len() / srcs.len()` bytes,
+    /// one from each of `srcs`, into `dst` back to back. With `after`, on the
+    /// copy stream once that layer's mark is reached (later launches go on
+    /// computing meanwhile); without, in order with everything queued.
+    fn gather(&self, dst: &mut [u8], srcs: &[u64], after: Option<usize>) -> Result<(), CudaError>;
+
+    /// Starts recording launches on the stream instead of running them.
+    /// Copies and waits are refused until [`Device::end_capture`].
+    fn begin_capture(&self) -> Result<(), CudaError>;
+    /// Stops recording; returns the launches since `begin_capture` as a graph
+    /// ready to replay (a handle for [`Device::replay`] and [`Device::drop_graph`]).
+    fn end_capture(&self) -> Result<u64, CudaError>;
+    /// Queues every launch of the graph, in order, with the arguments they
+    /// were recorded with.
+    fn replay(&self, graph: u64) -> Result<(), CudaError>;
+    /// Frees a graph of `end_capture`.
+    fn drop_graph(&self, graph: u64);
 }
 
 /// Page-locked host memory for staging KV pieces.
@@ -432,12 +455,17 @@ fn check_grid(k: Kernel, grid: (u32, u32, u32)) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// An open GPU: context, stream and the compiled kernels.
+/// An open GPU: context, streams and the compiled kernels.
 pub(crate) struct Gpu {
     /// Page-locked bounce buffer for copies up to `STAGING_BYTES` (KV pieces,
     /// batch indices), allocated on first use.
     staging: RefCell<Option<PinnedBuf>>,
+    /// Where every launch and ordered copy goes.
     stream: sys::CUstream,
+    /// KV pieces copied out during a step, each after its layer's event.
+    copy_stream: sys::CUstream,
+    /// One event per layer, recorded by `mark`, created on first use.
+    events: RefCell<Vec<sys::CUevent>>,
     module: sys::CUmodule,
     funcs: Vec<sys::CUfunction>,
     name: String,
@@ -486,9 +514,13 @@ impl Gpu {
         }
         let stream =
             cu::stream::create(cu::stream::StreamKind::NonBlocking).ctx("creating a stream")?;
+        let copy_stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
+            .ctx("creating the copy stream")?;
         Ok(Self {
             staging: RefCell::new(None),
             stream,
+            copy_stream,
+            events: RefCell::new(Vec::new()),
             module,
             funcs,
             name,
@@ -534,6 +566,17 @@ impl Gpu {
     fn stream_sync(&self) -> Result<(), CudaError> {
         // SAFETY: the stream belongs to this context.
         unsafe { cu::stream::synchronize(self.stream) }.ctx("waiting for the stream")
+    }
+
+    /// Layer `layer`'s event, creating the events up to it.
+    fn event(&self, layer: usize) -> Result<sys::CUevent, CudaError> {
+        let mut events = self.events.borrow_mut();
+        while events.len() <= layer {
+            let e = cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .ctx("creating an event")?;
+            events.push(e);
+        }
+        Ok(events[layer])
     }
 
     /// Runs `f` on the first `bytes` of the pinned staging buffer.
@@ -622,6 +665,102 @@ impl Device for Gpu {
     fn describe(&self) -> String {
         format!("{}, sm_{}", self.name, self.arch)
     }
+
+    fn mark(&self, layer: usize) -> Result<(), CudaError> {
+        let e = self.event(layer)?;
+        // SAFETY: the event and the stream belong to this context.
+        unsafe { cu::event::record(e, self.stream) }.ctx("recording a layer's event")
+    }
+
+    fn gather(&self, dst: &mut [u8], srcs: &[u64], after: Option<usize>) -> Result<(), CudaError> {
+        if srcs.is_empty() {
+            return Ok(());
+        }
+        let piece = dst.len() / srcs.len();
+        let stream = match after {
+            Some(layer) => {
+                let e = self.event(layer)?;
+                // SAFETY: both belong to this context; the event was recorded
+                // by `mark` earlier in this step.
+                unsafe {
+                    cu::stream::wait_event(
+                        self.copy_stream,
+                        e,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .ctx("ordering a copy after its layer")?;
+                self.copy_stream
+            }
+            None => self.stream,
+        };
+        let copy = |buf: &mut [u8], srcs: &[u64]| {
+            for (slot, &src) in buf.chunks_mut(piece).zip(srcs) {
+                // SAFETY: each source holds `piece` bytes (the caller's pool
+                // offsets); the buffer is waited for below.
+                unsafe { cu::memcpy_dtoh_async(slot, src, stream) }
+                    .ctx(format!("copying a {piece}-byte KV piece out"))?;
+            }
+            // SAFETY: the stream belongs to this context.
+            unsafe { cu::stream::synchronize(stream) }.ctx("waiting for KV copies")
+        };
+        let per_batch = (STAGING_BYTES / piece.max(1)).max(1);
+        for (out, srcs) in dst
+            .chunks_mut(per_batch * piece)
+            .zip(srcs.chunks(per_batch))
+        {
+            if out.len() <= STAGING_BYTES {
+                self.with_staging(out.len(), |buf| {
+                    copy(buf, srcs)?;
+                    out.copy_from_slice(buf);
+                    Ok(())
+                })?;
+            } else {
+                // One piece larger than the staging buffer: straight into pageable memory.
+                copy(out, srcs)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        // SAFETY: the stream belongs to this context; thread-local mode lets
+        // other threads' driver calls go on while this one records.
+        unsafe {
+            cu::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .ctx("starting a graph capture")
+    }
+
+    fn end_capture(&self) -> Result<u64, CudaError> {
+        // SAFETY: ends the capture `begin_capture` started on this stream.
+        let graph =
+            unsafe { cu::stream::end_capture(self.stream) }.ctx("ending a graph capture")?;
+        // SAFETY: `graph` is the complete graph just captured; it is destroyed
+        // once instantiated (the executable graph does not depend on it).
+        let exec = unsafe {
+            let exec = cu::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
+            let _ = cu::graph::destroy(graph);
+            exec
+        }
+        .ctx("instantiating a captured graph")?;
+        Ok(exec as usize as u64)
+    }
+
+    fn replay(&self, graph: u64) -> Result<(), CudaError> {
+        // SAFETY: `graph` is an executable graph of `end_capture`, not yet dropped.
+        unsafe { cu::graph::launch(graph as usize as sys::CUgraphExec, self.stream) }
+            .ctx("launching a graph")
+    }
+
+    fn drop_graph(&self, graph: u64) {
+        let _ = self.bind();
+        // SAFETY: as in `replay`; dropped once.
+        let _ = unsafe { cu::graph::exec_destroy(graph as usize as sys::CUgraphExec) };
+    }
 }
 
 impl Drop for Gpu {
@@ -630,6 +769,10 @@ impl Drop for Gpu {
             self.staging.borrow_mut().take();
             // SAFETY: created in this context and destroyed once.
             unsafe {
+                for e in self.events.borrow_mut().drain(..) {
+                    let _ = cu::event::destroy(e);
+                }
+                let _ = cu::stream::destroy(self.copy_stream);
                 let _ = cu::stream::destroy(self.stream);
                 let _ = cu::module::unload(self.module);
             }
@@ -850,7 +993,10 @@ impl IndexPtrs {
 }
 
 /// Lays the packed arrays out back to back, each 8-byte aligned; returns the
-/// bytes and each array's offset, in `IndexBuf` field order.
+/// bytes and each array's offset, in `IndexBuf` field order. The block
+/// tables go last: every other array's length, and so every offset, follows
+/// from the numbers of rows and logit rows alone, which is what lets a
+/// captured decode step replay with new indices (see [`Graphs`]).
 pub(crate) fn index_bytes(p: &PackedBatch) -> (Vec<u8>, [usize; 8]) {
     let mut bytes = Vec::new();
     let mut offs = [0usize; 8];
@@ -863,21 +1009,24 @@ pub(crate) fn index_bytes(p: &PackedBatch) -> (Vec<u8>, [usize; 8]) {
     put(1, bytemuck::cast_slice(&p.pos));
     put(2, bytemuck::cast_slice(&p.kv_dst));
     put(3, bytemuck::cast_slice(&p.table_off));
-    put(4, bytemuck::cast_slice(&p.tables));
     put(5, bytemuck::cast_slice(&p.decode));
     put(6, bytemuck::cast_slice(&p.tiles));
     put(7, bytemuck::cast_slice(&p.logit_rows));
+    put(4, bytemuck::cast_slice(&p.tables));
     (bytes, offs)
 }
 
-/// Uploads the packed batch's index arrays in one copy into `slot`, growing it.
+/// Uploads the packed batch's index arrays in one copy into `slot`, growing it
+/// (which `grew` records); returns where they are and their offsets.
 fn upload_index(
     dev: &Rc<dyn Device>,
     slot: &mut Option<IndexBuf>,
     p: &PackedBatch,
-) -> Result<IndexPtrs, CudaError> {
+    grew: &mut bool,
+) -> Result<(IndexPtrs, [usize; 8]), CudaError> {
     let (bytes, offs) = index_bytes(p);
     if slot.as_ref().is_none_or(|i| i.buf.bytes < bytes.len()) {
+        *grew = true;
         *slot = None;
         *slot = Some(IndexBuf {
             buf: DeviceBuf::alloc(
@@ -893,7 +1042,84 @@ fn upload_index(
     };
     ix.ptrs = IndexPtrs::at(ix.buf.ptr, offs);
     dev.htod(ix.buf.ptr, &bytes)?;
-    Ok(ix.ptrs)
+    Ok((ix.ptrs, offs))
+}
+
+/// Set to `0` to run every step launch by launch, without CUDA graphs.
+pub const GRAPHS_ENV: &str = "TANDEM_CUDA_GRAPHS";
+/// Captured step shapes kept at once (each a few hundred graph nodes).
+const MAX_GRAPHS: usize = 64;
+
+/// A captured step, replayable on its device.
+struct Graph {
+    dev: Rc<dyn Device>,
+    handle: u64,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        self.dev.drop_graph(self.handle);
+    }
+}
+
+/// What a captured step's launches depend on, besides the buffers'
+/// addresses: the rows, the logit rows and where each index array starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GraphKey {
+    rows: usize,
+    logit_rows: usize,
+    offs: [usize; 8],
+}
+
+/// Decode steps captured as CUDA graphs.
+///
+/// A step in which every sequence computes one token and no KV stream reads
+/// layers out launches the same kernels with the same arguments whenever it
+/// has the same numbers of rows and logit rows: everything that differs per
+/// sequence and per step (token ids, positions, block tables, where K/V go,
+/// how far attention reads) is read by the kernels from the index buffer,
+/// whose arrays sit at offsets those two numbers fix. So the first such step
+/// of each shape is captured, and later ones upload their indices and replay
+/// it: one launch in place of a dozen per layer, which is most of a decode
+/// step's time for a small model. Growing the activation or index buffers
+/// moves what the graphs point at, so it empties the cache.
+struct Graphs {
+    enabled: bool,
+    entries: Vec<(GraphKey, Graph, u64)>,
+    /// Steps replayed so far, which also orders the entries by last use.
+    replayed: u64,
+    captured: u64,
+}
+
+impl Graphs {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            entries: Vec::new(),
+            replayed: 0,
+            captured: 0,
+        }
+    }
+
+    fn get(&mut self, key: &GraphKey) -> Option<u64> {
+        let now = self.replayed;
+        let (_, g, used) = self.entries.iter_mut().find(|(k, _, _)| k == key)?;
+        *used = now;
+        Some(g.handle)
+    }
+
+    /// Keeps `graph` for `key`, dropping the least recently used beyond `MAX_GRAPHS`.
+    fn insert(&mut self, key: GraphKey, graph: Graph) -> u64 {
+        if self.entries.len() >= MAX_GRAPHS
+            && let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].2)
+        {
+            self.entries.swap_remove(oldest);
+        }
+        let handle = graph.handle;
+        self.entries.push((key, graph, self.replayed));
+        self.captured += 1;
+        handle
+    }
 }
 
 /// Rotates the `n_heads` heads of each of the `n` rows of `x` by its position.
@@ -1022,6 +1248,7 @@ pub struct CudaBackend {
     pool: DeviceBuf,
     acts: Option<Activations>,
     index: Option<IndexBuf>,
+    graphs: Graphs,
     /// The GPU (every buffer above holds it too, so it goes last).
     dev: Rc<dyn Device>,
 }
@@ -1055,7 +1282,12 @@ impl CudaBackend {
     ) -> Result<Self, CudaError> {
         check_supported(model.config())?;
         let dev: Rc<dyn Device> = Rc::new(Gpu::open(ordinal)?);
-        Self::with_device(model, block_size, num_blocks, ordinal, dev)
+        let mut backend = Self::with_device(model, block_size, num_blocks, ordinal, dev)?;
+        backend.graphs.enabled = std::env::var(GRAPHS_ENV).map_or(true, |v| v != "0");
+        if !backend.graphs.enabled {
+            tracing::info!("CUDA graphs off ({GRAPHS_ENV}=0)");
+        }
+        Ok(backend)
     }
 
     /// The backend on `dev` (the GPU, or in tests the emulation).
@@ -1132,17 +1364,25 @@ impl CudaBackend {
             pool,
             acts: None,
             index: None,
+            graphs: Graphs::new(true),
             dev,
         })
     }
 
-    /// Grows the activation buffers to hold `tokens` rows and `logit_rows` logits.
-    fn reserve(&mut self, tokens: usize, logit_rows: usize) -> Result<(), CudaError> {
+    /// Grows the activation buffers to hold `tokens` rows and `logit_rows`
+    /// logits (which `grew` records).
+    fn reserve(
+        &mut self,
+        tokens: usize,
+        logit_rows: usize,
+        grew: &mut bool,
+    ) -> Result<(), CudaError> {
         let fits = self
             .acts
             .as_ref()
             .is_some_and(|a| a.tokens >= tokens && a.logit_rows >= logit_rows);
         if !fits {
+            *grew = true;
             let (t, r) = match &self.acts {
                 Some(a) => (a.tokens.max(tokens), a.logit_rows.max(logit_rows)),
                 None => (tokens, logit_rows),
@@ -1182,7 +1422,7 @@ impl CudaBackend {
     fn forward_inner(
         &mut self,
         batch: &[BatchSeq<'_>],
-        on_layer: LayerHook<'_>,
+        on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, CudaError> {
         self.dev.bind()?;
         let p = pack(batch, self.layout, self.num_blocks)?;
@@ -1191,9 +1431,68 @@ impl CudaBackend {
             return Ok(Vec::new());
         }
         let n_logits = p.logit_rows.len();
-        self.reserve(n, n_logits)?;
-        let ix = &upload_index(&self.dev, &mut self.index, &p)?;
-        let this = &*self;
+        let mut grew = false;
+        self.reserve(n, n_logits, &mut grew)?;
+        let (ix, offs) = upload_index(&self.dev, &mut self.index, &p, &mut grew)?;
+        if grew {
+            self.graphs.entries.clear();
+        }
+        if on_layer.is_none() && p.n_tiles() == 0 && self.graphs.enabled {
+            let key = GraphKey {
+                rows: n,
+                logit_rows: n_logits,
+                offs,
+            };
+            let handle = match self.graphs.get(&key) {
+                Some(h) => h,
+                None => {
+                    self.dev.begin_capture()?;
+                    let queued = self.queue_step(&p, &ix, None);
+                    // Ended whatever happened, so the stream takes work
+                    // again; a graph cut short is freed on the way out.
+                    let graph = self.dev.end_capture().map(|handle| Graph {
+                        dev: self.dev.clone(),
+                        handle,
+                    });
+                    queued?;
+                    let graph = graph?;
+                    tracing::debug!(rows = n, logit_rows = n_logits, "captured a decode step");
+                    self.graphs.insert(key, graph)
+                }
+            };
+            self.dev.replay(handle)?;
+            self.graphs.replayed += 1;
+        } else {
+            self.queue_step(&p, &ix, on_layer)?;
+        }
+        let Some(a) = self.acts.as_ref() else {
+            return Err(CudaError::Batch("buffers missing after reserve".into()));
+        };
+        if n_logits == 0 {
+            // Nothing to read back, but the step's K/V must be in place before
+            // the engine hands its blocks to anyone.
+            self.dev.sync()?;
+            return Ok(Vec::new());
+        }
+        let mut logits = vec![0f32; n_logits * self.config.vocab_size];
+        self.dev
+            .dtoh(bytemuck::cast_slice_mut(&mut logits), a.logits.ptr)?;
+        Ok(logits)
+    }
+
+    /// Queues the launches of one step, through the logits of the rows that
+    /// want them; `on_layer` runs for layer `l` once layer `l + 1`'s launches
+    /// are queued (the last layer's after the logits'), its reads waiting on
+    /// the copy stream for layer `l`'s mark while the GPU goes on.
+    fn queue_step(
+        &self,
+        p: &PackedBatch,
+        ix: &IndexPtrs,
+        mut on_layer: Option<LayerHook<'_>>,
+    ) -> Result<(), CudaError> {
+        let this = self;
+        let n = p.n_tokens();
+        let n_logits = p.logit_rows.len();
         let Some(a) = this.acts.as_ref() else {
             return Err(CudaError::Batch("buffers missing after reserve".into()));
         };
@@ -1218,7 +1517,6 @@ impl CudaBackend {
             ],
         )?;
 
-        let reader = DeviceKv { backend: this };
         for (l, layer) in this.layers.iter().enumerate() {
             this.rms_norm(a.x.ptr, layer.attn_norm.ptr, a.xn.ptr, n)?;
             let mut q8_of = None;
@@ -1291,11 +1589,21 @@ impl CudaBackend {
                 this.pool.ptr,
                 a.attn.ptr,
                 ix,
-                &p,
+                p,
                 l,
             )?;
-            // Layer l's K/V are queued; a reader's copy waits for them in stream order.
-            on_layer(l, &reader);
+            if on_layer.is_some() {
+                this.dev.mark(l)?;
+            }
+            if let (Some(hook), Some(done)) = (on_layer.as_mut(), l.checked_sub(1)) {
+                hook(
+                    done,
+                    &StepKv {
+                        backend: this,
+                        marked: l,
+                    },
+                );
+            }
             matmul(
                 &*this.dev,
                 a.acts_q8.ptr,
@@ -1358,12 +1666,31 @@ impl CudaBackend {
             )?;
         }
 
-        if n_logits == 0 {
-            // Nothing to read back, but the step's K/V must be in place before
-            // the engine hands its blocks to anyone.
-            this.dev.sync()?;
-            return Ok(Vec::new());
+        if n_logits > 0 {
+            this.queue_logits(a, ix, n_logits)?;
         }
+        if let Some(hook) = on_layer.as_mut() {
+            let last = c.n_layers - 1;
+            hook(
+                last,
+                &StepKv {
+                    backend: this,
+                    marked: last,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Queues the final norm and the output head for the `n_logits` rows of `ix.logit_rows`.
+    fn queue_logits(
+        &self,
+        a: &Activations,
+        ix: &IndexPtrs,
+        n_logits: usize,
+    ) -> Result<(), CudaError> {
+        let this = self;
+        let d = this.config.d_model;
         this.dev.launch(
             Kernel::GatherRows,
             (n_logits as u32, 1, 1),
@@ -1387,11 +1714,7 @@ impl CudaBackend {
             n_logits,
             a.logits.ptr,
             &mut none,
-        )?;
-        let mut logits = vec![0f32; n_logits * c.vocab_size];
-        this.dev
-            .dtoh(bytemuck::cast_slice_mut(&mut logits), a.logits.ptr)?;
-        Ok(logits)
+        )
     }
 
     /// Byte offset of a block-layer piece in the pool, checked.
@@ -1408,12 +1731,23 @@ impl CudaBackend {
         )
     }
 
-    fn read_piece(&self, block: BlockId, layer: usize, out: &mut Vec<u8>) -> Result<(), CudaError> {
+    /// Appends `layer`'s piece of each of `blocks` to `out` in one gather;
+    /// `after` as in [`Device::gather`].
+    fn read_pieces(
+        &self,
+        blocks: &[BlockId],
+        layer: usize,
+        after: Option<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), CudaError> {
         self.dev.bind()?;
-        let off = self.piece_offset(block, layer)?;
+        let srcs = blocks
+            .iter()
+            .map(|&b| Ok(self.pool.ptr + self.piece_offset(b, layer)?))
+            .collect::<Result<Vec<u64>, CudaError>>()?;
         let start = out.len();
-        out.resize(start + self.layout.piece_bytes(), 0);
-        self.dev.dtoh(&mut out[start..], self.pool.ptr + off)
+        out.resize(start + blocks.len() * self.layout.piece_bytes(), 0);
+        self.dev.gather(&mut out[start..], &srcs, after)
     }
 
     fn write_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) -> Result<(), CudaError> {
@@ -1437,19 +1771,27 @@ impl Drop for CudaBackend {
     }
 }
 
-/// The pool seen from inside a step, for `on_layer`.
-struct DeviceKv<'a> {
+/// The pool seen from inside a step, for `on_layer`: layers up to `marked`
+/// have their marks queued, and a read waits for its own layer's.
+struct StepKv<'a> {
     backend: &'a CudaBackend,
+    marked: usize,
 }
 
-impl KvRead for DeviceKv<'_> {
-    fn read_kv_piece(
+impl KvRead for StepKv<'_> {
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        Ok(self.backend.read_piece(block, layer, out)?)
+        if layer > self.marked {
+            return Err(BackendError(format!(
+                "layer {layer}'s K/V read before the step reached it (layer {})",
+                self.marked
+            )));
+        }
+        Ok(self.backend.read_pieces(blocks, layer, Some(layer), out)?)
     }
 }
 
@@ -1469,7 +1811,7 @@ impl Backend for CudaBackend {
     fn forward(
         &mut self,
         batch: &[BatchSeq<'_>],
-        on_layer: LayerHook<'_>,
+        on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, BackendError> {
         Ok(self.forward_inner(batch, on_layer)?)
     }
@@ -1480,7 +1822,7 @@ impl Backend for CudaBackend {
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        Ok(self.read_piece(block, layer, out)?)
+        Ok(self.read_pieces(&[block], layer, None, out)?)
     }
 
     fn write_kv_piece(

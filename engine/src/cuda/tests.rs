@@ -130,7 +130,14 @@ fn index_arrays_are_aligned_and_round_trip() {
     assert_eq!(offs[5], offs[6], "an empty array takes no room");
     assert_eq!((i32_at(offs[6], 0), i32_at(offs[6], 1)), (0, 3));
     assert_eq!(i32_at(offs[7], 0), 2);
-    assert_eq!(bytes.len(), offs[7] + 4);
+    assert_eq!(bytes.len(), offs[4] + 4, "the block tables go last");
+    // Longer block tables move nothing else: a captured step replays.
+    let longer = PackedBatch {
+        tables: vec![4, 5, 6, 7],
+        ..p.clone()
+    };
+    let (_, offs_longer) = index_bytes(&longer);
+    assert_eq!(offs_longer, offs);
 }
 
 fn tiny_config() -> ModelConfig {
@@ -966,22 +973,38 @@ mod model {
                 want_logits: true,
             },
         ];
-        let c = cpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
+        let c = cpu_b.forward(&batch, None).expect("forward");
+        let mut mid_step = Vec::new();
         let gl = gpu_b
-            .forward(&batch, &mut |l, kv| {
-                layers_seen.push(l);
-                // Reading a piece mid-step gives this step's K/V of layer l.
-                let mut piece = Vec::new();
-                kv.read_kv_piece(blocks_a[0], l, &mut piece)
-                    .expect("read a piece mid-step");
-                assert_eq!(piece.len(), piece_bytes);
-            })
+            .forward(
+                &batch,
+                Some(&mut |l, kv| {
+                    layers_seen.push(l);
+                    // Read on the copy stream while later layers compute.
+                    let mut pieces = Vec::new();
+                    kv.read_kv_pieces(&blocks_a[..2], l, &mut pieces)
+                        .expect("read pieces mid-step");
+                    assert_eq!(pieces.len(), 2 * piece_bytes);
+                    mid_step.push(pieces);
+                }),
+            )
             .expect("forward");
         assert_eq!(
             layers_seen,
             (0..cpu_b.config().n_layers).collect::<Vec<_>>()
         );
         compare("prefill", &c, &gl);
+        // What the copy stream read mid-step is this step's K/V, complete:
+        // the same bytes as a read after the step.
+        for (l, pieces) in mid_step.iter().enumerate() {
+            let mut after = Vec::new();
+            for &b in &blocks_a[..2] {
+                gpu_b
+                    .read_kv_piece(b, l, &mut after)
+                    .expect("KV piece copy");
+            }
+            assert!(*pieces == after, "layer {l}: pieces read mid-step differ");
+        }
 
         let (mut ta, mut tb) = (argmax(&c[..vocab]).0 as u32, argmax(&c[vocab..]).0 as u32);
         for step in 0..steps {
@@ -1000,11 +1023,16 @@ mod model {
                     want_logits: true,
                 },
             ];
-            let c = cpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
-            let gl = gpu_b.forward(&batch, &mut |_, _| {}).expect("forward");
+            let c = cpu_b.forward(&batch, None).expect("forward");
+            let gl = gpu_b.forward(&batch, None).expect("forward");
             compare(&format!("decode step {step}"), &c, &gl);
             ta = argmax(&c[..vocab]).0 as u32;
             tb = argmax(&c[vocab..]).0 as u32;
+        }
+        // Every decode step of two sequences after the first replayed its graph.
+        if gpu_b.graphs.enabled {
+            assert!(gpu_b.graphs.captured >= 1, "no decode step was captured");
+            assert_eq!(gpu_b.graphs.replayed, steps as u64);
         }
 
         // KV pieces: the same layout and nearly the same values (f16 of
@@ -1247,8 +1275,9 @@ mod emulated_model {
         let load = || Model::load(GgufFile::open(&path).unwrap()).unwrap();
         let (bs, nb) = (4, 24);
         let mut cpu_b = CpuBackend::new(load(), bs, nb);
+        let emu = Rc::new(emu);
         let mut emu_b =
-            CudaBackend::with_device(load(), bs, nb, 0, Rc::new(emu)).expect("backend loads");
+            CudaBackend::with_device(load(), bs, nb, 0, emu.clone()).expect("backend loads");
         let vocab = cpu_b.config().vocab_size;
         let n_layers = cpu_b.config().n_layers;
         let what = format!("{arch:?} tied={tied}");
@@ -1260,8 +1289,7 @@ mod emulated_model {
         let c: Vec<u32> = (0..9).map(|i| (i * 13 + 1) % 80).collect();
         let (ba, bb, bc): (Vec<u32>, Vec<u32>, Vec<u32>) =
             ((0..5).collect(), (5..8).collect(), (8..12).collect());
-        let mut ta = 0;
-        let mut tb = 0;
+        let (mut ta, mut tb, mut tc) = (0, 0, 0);
         for step in 0..4 {
             let (ia, ib) = ([ta], [tb]);
             let batch: Vec<BatchSeq<'_>> = if step == 0 {
@@ -1308,20 +1336,26 @@ mod emulated_model {
             let mut cpu_pieces = Vec::new();
             let mut emu_pieces = Vec::new();
             let cl = cpu_b
-                .forward(&batch, &mut |l, kv| {
-                    let mut p = Vec::new();
-                    kv.read_kv_piece(ba[1], l, &mut p)
-                        .expect("read a piece mid-step");
-                    cpu_pieces.push(p);
-                })
+                .forward(
+                    &batch,
+                    Some(&mut |l, kv| {
+                        let mut p = Vec::new();
+                        kv.read_kv_pieces(&ba[1..3], l, &mut p)
+                            .expect("read pieces mid-step");
+                        cpu_pieces.push(p);
+                    }),
+                )
                 .expect("forward");
             let el = emu_b
-                .forward(&batch, &mut |l, kv| {
-                    let mut p = Vec::new();
-                    kv.read_kv_piece(ba[1], l, &mut p)
-                        .expect("read a piece mid-step");
-                    emu_pieces.push(p);
-                })
+                .forward(
+                    &batch,
+                    Some(&mut |l, kv| {
+                        let mut p = Vec::new();
+                        kv.read_kv_pieces(&ba[1..3], l, &mut p)
+                            .expect("read pieces mid-step");
+                        emu_pieces.push(p);
+                    }),
+                )
                 .expect("forward");
             assert_eq!(cpu_pieces.len(), n_layers, "{what}: layer hook calls");
             assert_eq!(emu_pieces.len(), n_layers, "{what}: layer hook calls");
@@ -1359,7 +1393,70 @@ mod emulated_model {
             if step != 2 {
                 tb = argmax(&cl[vocab..2 * vocab]) as u32;
             }
+            if step == 3 {
+                tc = argmax(&cl[2 * vocab..]) as u32;
+            }
         }
+        assert_eq!(
+            emu_b.graphs.captured, 0,
+            "{what}: a step with a hook was captured"
+        );
+
+        // Decode steps with no hook are captured once per shape and replayed:
+        // three sequences twice, then two (b is done), with c's logits
+        // skipped once. Positions cross blocks on the way, so a replay that
+        // kept anything of the step it was captured in would show.
+        for step in 4..10 {
+            let (ia, ib, ic) = ([ta], [tb], [tc]);
+            let one = |tokens, start_pos, blocks, want_logits| BatchSeq {
+                tokens,
+                start_pos,
+                blocks,
+                want_logits,
+            };
+            let mut batch = vec![one(&ia, a.len() + step - 1, &ba, true)];
+            if step < 6 {
+                batch.push(one(&ib, b.len() + step - 1, &bb, true));
+            }
+            batch.push(one(&ic, c.len() + step - 4, &bc, step != 8));
+            let cl = cpu_b.forward(&batch, None).expect("forward");
+            let el = emu_b.forward(&batch, None).expect("forward");
+            assert_eq!(cl.len(), el.len(), "{what} step {step}: logits rows");
+            for (r, (crow, erow)) in cl.chunks(vocab).zip(el.chunks(vocab)).enumerate() {
+                let where_ = format!("{what} graph step {step} logits row {r}");
+                assert_close(&where_, erow, crow, LOGIT_TOL, 0.0);
+            }
+            let rows: Vec<&[f32]> = cl.chunks(vocab).collect();
+            ta = argmax(rows[0]) as u32;
+            if step < 6 {
+                tb = argmax(rows[1]) as u32;
+            }
+            if step != 8 {
+                tc = argmax(rows[rows.len() - 1]) as u32;
+            }
+            for blk in ba.iter().chain(&bc) {
+                for l in 0..n_layers {
+                    let (mut cp, mut ep) = (Vec::new(), Vec::new());
+                    cpu_b
+                        .read_kv_piece(*blk, l, &mut cp)
+                        .expect("KV piece copy");
+                    emu_b
+                        .read_kv_piece(*blk, l, &mut ep)
+                        .expect("KV piece copy");
+                    let where_ = format!("{what} graph step {step} block {blk} layer {l}");
+                    assert_close(&where_, &f16s(&ep), &f16s(&cp), KV_TOL, KV_TOL);
+                }
+            }
+        }
+        assert_eq!(
+            emu_b.graphs.captured, 3,
+            "{what}: one capture per step shape"
+        );
+        assert_eq!(
+            emu_b.graphs.replayed, 6,
+            "{what}: every decode step replayed"
+        );
+        assert_eq!(emu.live_graphs(), 3, "{what}: graphs alive");
         // A piece written in reads back unchanged.
         let mut cp = Vec::new();
         cpu_b.read_kv_piece(2, 1, &mut cp).expect("KV piece copy");
@@ -1369,7 +1466,91 @@ mod emulated_model {
             .read_kv_piece(20, 1, &mut back)
             .expect("KV piece copy");
         assert!(back == cp, "{what}: a written piece reads back unchanged");
+        drop(emu_b);
+        assert_eq!(
+            emu.live_graphs(),
+            0,
+            "{what}: graphs freed with the backend"
+        );
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// The graph cache keeps the most recently used shapes and frees the rest.
+    #[test]
+    fn graph_cache_evicts_the_least_recently_used() {
+        let emu = match EmuDevice::new() {
+            Ok(e) => Rc::new(e),
+            Err(e) => {
+                eprintln!("skipped: no host emulation of the kernels ({e})");
+                return;
+            }
+        };
+        let dev: Rc<dyn Device> = emu.clone();
+        let key = |rows| GraphKey {
+            rows,
+            logit_rows: rows,
+            offs: [0; 8],
+        };
+        let mut graphs = Graphs::new(true);
+        for rows in 0..MAX_GRAPHS {
+            dev.begin_capture().unwrap();
+            let handle = dev.end_capture().unwrap();
+            graphs.insert(
+                key(rows),
+                Graph {
+                    dev: dev.clone(),
+                    handle,
+                },
+            );
+            graphs.replayed += 1;
+        }
+        // Shape 0 is used again, so shape 1 is now the oldest.
+        assert!(graphs.get(&key(0)).is_some());
+        graphs.replayed += 1;
+        dev.begin_capture().unwrap();
+        let handle = dev.end_capture().unwrap();
+        graphs.insert(
+            key(MAX_GRAPHS),
+            Graph {
+                dev: dev.clone(),
+                handle,
+            },
+        );
+        assert_eq!(graphs.entries.len(), MAX_GRAPHS);
+        assert_eq!(emu.live_graphs(), MAX_GRAPHS, "the evicted graph is freed");
+        assert!(graphs.get(&key(0)).is_some());
+        assert!(graphs.get(&key(1)).is_none());
+        assert!(graphs.get(&key(MAX_GRAPHS)).is_some());
+        drop(graphs);
+        assert_eq!(emu.live_graphs(), 0);
+    }
+
+    /// Copies and waits inside a capture are refused, as CUDA refuses them,
+    /// and the stream takes work again once the capture ends.
+    #[test]
+    fn a_capture_refuses_copies_and_ends_cleanly() {
+        let emu = match EmuDevice::new() {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("skipped: no host emulation of the kernels ({e})");
+                return;
+            }
+        };
+        let buf = emu.alloc(64).unwrap();
+        emu.begin_capture().unwrap();
+        assert!(emu.begin_capture().is_err(), "a capture inside a capture");
+        assert!(emu.htod(buf, &[1; 8]).is_err());
+        assert!(emu.sync().is_err());
+        assert!(emu.mark(0).is_err());
+        emu.end_capture().unwrap();
+        emu.htod(buf, &[1; 8]).unwrap();
+        emu.sync().unwrap();
+        // A read that waits for a layer nobody marked is refused.
+        let mut out = [0u8; 8];
+        assert!(emu.gather(&mut out, &[buf], Some(3)).is_err());
+        emu.mark(3).unwrap();
+        emu.gather(&mut out, &[buf], Some(3)).unwrap();
+        assert_eq!(out, [1; 8]);
     }
 
     #[test]
