@@ -88,13 +88,31 @@ pub trait Backend: Send {
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
 
-    /// Overwrites one block-layer piece (`data` is `kv_layout().piece_bytes()` long).
-    fn write_kv_piece(
+    /// Overwrites `layer`'s piece of each of `blocks` with the consecutive
+    /// `kv_layout().piece_bytes()` slices of `data` (a GPU backend scatters
+    /// them in one copy).
+    fn write_kv_pieces(
         &mut self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         data: &[u8],
     ) -> Result<(), BackendError>;
+}
+
+/// Checks that `data` holds one piece of `piece_bytes` for each of `blocks`.
+pub(crate) fn check_pieces(
+    blocks: &[BlockId],
+    data: &[u8],
+    piece_bytes: usize,
+) -> Result<(), BackendError> {
+    if data.len() != blocks.len() * piece_bytes {
+        return Err(BackendError(format!(
+            "{} bytes for {} KV pieces of {piece_bytes}",
+            data.len(),
+            blocks.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The CPU backend: weights memory-mapped from the GGUF file, KV blocks in host
@@ -155,15 +173,17 @@ impl Backend for CpuBackend {
         KvRead::read_kv_pieces(&self.pool, &[block], layer, out)
     }
 
-    fn write_kv_piece(
+    fn write_kv_pieces(
         &mut self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         data: &[u8],
     ) -> Result<(), BackendError> {
-        self.pool
-            .piece_bytes_mut(block, layer)
-            .copy_from_slice(data);
+        let pb = self.layout.piece_bytes();
+        check_pieces(blocks, data, pb)?;
+        for (&b, piece) in blocks.iter().zip(data.chunks_exact(pb)) {
+            self.pool.piece_bytes_mut(b, layer).copy_from_slice(piece);
+        }
         Ok(())
     }
 }

@@ -1194,8 +1194,8 @@ impl Core {
         };
         let pb = self.shared.layout.piece_bytes();
         // `KvReservation::write` checked the bounds against the same reservation.
-        for (i, piece) in w.data.chunks_exact(pb).enumerate() {
-            let index = w.first_block + i;
+        let mut blocks = Vec::with_capacity(w.data.len() / pb);
+        for index in w.first_block..w.first_block + w.data.len() / pb {
             let Some(&b) = r.blocks.get(index) else { break };
             let Some(done) = index
                 .checked_sub(r.cached_blocks)
@@ -1208,10 +1208,11 @@ impl Core {
                 *done = true;
                 r.missing -= 1;
             }
-            if let Err(e) = self.backend.write_kv_piece(b, w.layer, piece) {
-                self.device_failed(e);
-                return;
-            }
+            blocks.push(b);
+        }
+        let data = &w.data[..blocks.len() * pb];
+        if let Err(e) = self.backend.write_kv_pieces(&blocks, w.layer, data) {
+            self.device_failed(e);
         }
     }
 
@@ -1300,7 +1301,7 @@ impl Core {
                         [..layout.block_bytes()];
                     src.chunks_exact(layout.piece_bytes())
                         .enumerate()
-                        .try_for_each(|(l, piece)| self.backend.write_kv_piece(b, l, piece))
+                        .try_for_each(|(l, piece)| self.backend.write_kv_pieces(&[b], l, piece))
                 });
                 if let Err(e) = written {
                     self.device_failed(e);
@@ -1762,13 +1763,13 @@ mod tests {
         ) -> Result<(), BackendError> {
             self.inner.read_kv_piece(b, l, out)
         }
-        fn write_kv_piece(
+        fn write_kv_pieces(
             &mut self,
-            b: BlockId,
+            b: &[BlockId],
             l: usize,
             data: &[u8],
         ) -> Result<(), BackendError> {
-            self.inner.write_kv_piece(b, l, data)
+            self.inner.write_kv_pieces(b, l, data)
         }
     }
 

@@ -436,6 +436,16 @@ impl Device for EmuDevice {
         Ok(())
     }
 
+    fn scatter(&self, dsts: &[u64], src: &[u8]) -> Result<(), CudaError> {
+        let Some(piece) = src.len().checked_div(dsts.len()) else {
+            return Ok(());
+        };
+        for (&dst, p) in dsts.iter().zip(src.chunks(piece)) {
+            self.htod(dst, p)?;
+        }
+        Ok(())
+    }
+
     fn begin_capture(&self) -> Result<(), CudaError> {
         let mut c = lock(&self.capture);
         if c.is_some() {

@@ -25,7 +25,7 @@
 //!
 //! Not done yet, and where it would go: GPUDirect RDMA. A transport that
 //! registers the pool's device memory could write received pieces straight
-//! into it, replacing the staging copies of `write_kv_piece`, behind the same
+//! into it, replacing the staging copies of `write_kv_pieces`, behind the same
 //! `Transport` trait.
 
 #[cfg(test)]
@@ -270,6 +270,9 @@ pub(crate) trait Device: Launch {
     /// copy stream once that layer's mark is reached (later launches go on
     /// computing meanwhile); without, in order with everything queued.
     fn gather(&self, dst: &mut [u8], srcs: &[u64], after: Option<usize>) -> Result<(), CudaError>;
+    /// Copies `src`, cut into `dsts.len()` equal pieces, one to each of
+    /// `dsts`, in order with everything queued; `src` may be reused when this returns.
+    fn scatter(&self, dsts: &[u64], src: &[u8]) -> Result<(), CudaError>;
 
     /// Starts recording launches on the stream instead of running them.
     /// Copies and waits are refused until [`Device::end_capture`].
@@ -719,6 +722,33 @@ impl Device for Gpu {
                 // One piece larger than the staging buffer: straight into pageable memory.
                 copy(out, srcs)?;
             }
+        }
+        Ok(())
+    }
+
+    fn scatter(&self, dsts: &[u64], src: &[u8]) -> Result<(), CudaError> {
+        let Some(piece) = src.len().checked_div(dsts.len()) else {
+            return Ok(());
+        };
+        if piece > STAGING_BYTES {
+            for (&dst, p) in dsts.iter().zip(src.chunks(piece)) {
+                self.htod(dst, p)?;
+            }
+            return Ok(());
+        }
+        let per_batch = STAGING_BYTES / piece.max(1);
+        for (dsts, src) in dsts.chunks(per_batch).zip(src.chunks(per_batch * piece)) {
+            self.with_staging(src.len(), |buf| {
+                buf.copy_from_slice(src);
+                for (&dst, slot) in dsts.iter().zip(buf.chunks(piece)) {
+                    // SAFETY: each destination holds `piece` bytes (the
+                    // caller's pool offsets); the staging buffer is
+                    // page-locked and waited for below.
+                    unsafe { cu::memcpy_htod_async(dst, slot, self.stream) }
+                        .ctx(format!("copying a {piece}-byte KV piece in"))?;
+                }
+                self.stream_sync()
+            })?;
         }
         Ok(())
     }
@@ -1741,26 +1771,18 @@ impl CudaBackend {
         out: &mut Vec<u8>,
     ) -> Result<(), CudaError> {
         self.dev.bind()?;
-        let srcs = blocks
-            .iter()
-            .map(|&b| Ok(self.pool.ptr + self.piece_offset(b, layer)?))
-            .collect::<Result<Vec<u64>, CudaError>>()?;
+        let srcs = self.piece_ptrs(blocks, layer)?;
         let start = out.len();
         out.resize(start + blocks.len() * self.layout.piece_bytes(), 0);
         self.dev.gather(&mut out[start..], &srcs, after)
     }
 
-    fn write_piece(&mut self, block: BlockId, layer: usize, data: &[u8]) -> Result<(), CudaError> {
-        self.dev.bind()?;
-        let off = self.piece_offset(block, layer)?;
-        let pb = self.layout.piece_bytes();
-        if data.len() != pb {
-            return Err(CudaError::Batch(format!(
-                "KV piece of {} bytes, expected {pb}",
-                data.len()
-            )));
-        }
-        self.dev.htod(self.pool.ptr + off, data)
+    /// The pool addresses of `layer`'s piece of each of `blocks`, checked.
+    fn piece_ptrs(&self, blocks: &[BlockId], layer: usize) -> Result<Vec<u64>, CudaError> {
+        blocks
+            .iter()
+            .map(|&b| Ok(self.pool.ptr + self.piece_offset(b, layer)?))
+            .collect()
     }
 }
 
@@ -1825,12 +1847,15 @@ impl Backend for CudaBackend {
         Ok(self.read_pieces(&[block], layer, None, out)?)
     }
 
-    fn write_kv_piece(
+    fn write_kv_pieces(
         &mut self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         data: &[u8],
     ) -> Result<(), BackendError> {
-        Ok(self.write_piece(block, layer, data)?)
+        crate::backend::check_pieces(blocks, data, self.layout.piece_bytes())?;
+        self.dev.bind()?;
+        let dsts = self.piece_ptrs(blocks, layer)?;
+        Ok(self.dev.scatter(&dsts, data)?)
     }
 }

@@ -1059,21 +1059,22 @@ mod model {
                 1e-2,
             );
         }
-        // A piece written in comes back out unchanged.
+        // Pieces written in, scattered in one copy, come back out unchanged.
         let mut cp = Vec::new();
-        cpu_b
-            .read_kv_piece(blocks_a[0], 3, &mut cp)
-            .expect("KV piece copy");
+        for &b in &blocks_a[..2] {
+            cpu_b.read_kv_piece(b, 3, &mut cp).expect("KV piece copy");
+        }
+        let spare = [(nb - 1) as u32, (nb - 3) as u32];
         gpu_b
-            .write_kv_piece((nb - 1) as u32, 3, &cp)
+            .write_kv_pieces(&spare, 3, &cp)
             .expect("KV piece copy");
         let mut back = Vec::new();
-        gpu_b
-            .read_kv_piece((nb - 1) as u32, 3, &mut back)
-            .expect("KV piece copy");
+        for b in spare {
+            gpu_b.read_kv_piece(b, 3, &mut back).expect("KV piece copy");
+        }
         assert!(
             back == cp,
-            "write_kv_piece then read_kv_piece changed the bytes"
+            "write_kv_pieces then read_kv_piece changed the bytes"
         );
     }
 
@@ -1457,15 +1458,23 @@ mod emulated_model {
             "{what}: every decode step replayed"
         );
         assert_eq!(emu.live_graphs(), 3, "{what}: graphs alive");
-        // A piece written in reads back unchanged.
+        // Pieces written in, scattered to blocks apart, read back unchanged.
         let mut cp = Vec::new();
-        cpu_b.read_kv_piece(2, 1, &mut cp).expect("KV piece copy");
-        emu_b.write_kv_piece(20, 1, &cp).expect("KV piece copy");
-        let mut back = Vec::new();
+        for b in [2, 3] {
+            cpu_b.read_kv_piece(b, 1, &mut cp).expect("KV piece copy");
+        }
         emu_b
-            .read_kv_piece(20, 1, &mut back)
+            .write_kv_pieces(&[20, 22], 1, &cp)
             .expect("KV piece copy");
-        assert!(back == cp, "{what}: a written piece reads back unchanged");
+        let mut back = Vec::new();
+        for b in [20, 22] {
+            emu_b.read_kv_piece(b, 1, &mut back).expect("KV piece copy");
+        }
+        assert!(back == cp, "{what}: written pieces read back unchanged");
+        assert!(
+            emu_b.write_kv_pieces(&[20, 22], 1, &cp[1..]).is_err(),
+            "{what}: a short write is refused"
+        );
         drop(emu_b);
         assert_eq!(
             emu.live_graphs(),
