@@ -236,7 +236,7 @@ impl Launch for Emu {
             .iter_mut()
             .map(|s| (s as *mut u64).cast::<c_void>())
             .collect();
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&self.lock);
         // SAFETY: the arguments follow kernels.cu's parameter list and every
         // pointer among them is a live host allocation of the caller's.
         let rc = unsafe {
@@ -314,7 +314,7 @@ impl EmuDevice {
 
     /// Checks that `[ptr, ptr + n)` lies inside one allocation.
     fn check(&self, ptr: u64, n: usize) -> Result<(), CudaError> {
-        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let mem = lock(&self.mem);
         let inside = mem
             .iter()
             .any(|(&start, b)| ptr >= start && ptr + n as u64 <= start + 8 * b.len() as u64);
@@ -360,18 +360,12 @@ impl Device for EmuDevice {
     fn alloc(&self, bytes: usize) -> Result<u64, CudaError> {
         let b = vec![0u64; bytes.div_ceil(8).max(32)].into_boxed_slice();
         let ptr = b.as_ptr() as u64;
-        self.mem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ptr, b);
+        lock(&self.mem).insert(ptr, b);
         Ok(ptr)
     }
 
     fn free(&self, ptr: u64) {
-        self.mem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&ptr);
+        lock(&self.mem).remove(&ptr);
     }
 
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
