@@ -10,8 +10,11 @@
 //! backend stages them through host memory (or, later, writes them straight into
 //! registered device memory).
 
+use rayon::prelude::*;
+
 use crate::kv_cache::{BlockId, KvLayout, KvPool};
 use crate::model::{BatchSeq, Model, ModelConfig, Scratch};
+use crate::sampling::greedy_pick;
 
 /// A device that failed while serving (a driver call, a kernel launch, a copy).
 ///
@@ -79,6 +82,22 @@ pub trait Backend: Send {
         batch: &[BatchSeq<'_>],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, BackendError>;
+
+    /// Runs one step as [`Backend::forward`] does, for a batch whose rows
+    /// that want logits are all decided greedily: returns, for each such row,
+    /// [`greedy_pick`]'s token and log-probability instead of its logits. By
+    /// default picked on the host from `forward`'s logits; the CUDA backend
+    /// picks on the device and copies back 8 bytes per row instead of a
+    /// vocabulary of floats.
+    fn forward_greedy(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<(u32, f32)>, BackendError> {
+        let logits = self.forward(batch, on_layer)?;
+        let vocab = self.config().vocab_size.max(1);
+        Ok(logits.par_chunks(vocab).map(greedy_pick).collect())
+    }
 
     /// Appends the bytes of one block-layer piece to `out`.
     fn read_kv_piece(

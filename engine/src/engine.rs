@@ -1437,22 +1437,43 @@ impl Core {
         } else {
             Some(&mut send_layer)
         };
-        let forward = self.backend.forward(&batch, hook);
+        // Each sequence whose chunk ends its known tokens samples one; when
+        // every one of them is plain greedy the backend picks the tokens
+        // itself (on a GPU, without copying the logits back).
+        let samplers = plan.iter().filter_map(|&(i, take)| {
+            let s = &self.running[i];
+            (s.computed + take == s.tokens.len()).then_some(&s.sampler)
+        });
+        let rows = samplers.clone().count();
+        let greedy = rows > 0 && samplers.into_iter().all(Sampler::is_plain_greedy);
+        let vocab = self.shared.config.vocab_size;
+        let forward = if greedy {
+            self.backend
+                .forward_greedy(&batch, hook)
+                .map(Readout::Picked)
+        } else {
+            self.backend.forward(&batch, hook).map(Readout::Logits)
+        };
         self.busy.leave();
         drop(batch);
-        let logits = match (forward, read_failed) {
-            (Ok(logits), None) => logits,
+        let readout = match (forward, read_failed) {
+            (Ok(r), None) => r,
             (Err(e), _) | (Ok(_), Some(e)) => {
                 self.device_failed(e);
                 return false;
             }
         };
+        if !readout.fits(rows, vocab) {
+            self.device_failed(BackendError(format!(
+                "the step's output does not fit its {rows} sampling sequences"
+            )));
+            return false;
+        }
         self.steps += 1;
         self.tokens_computed += plan.iter().map(|&(_, t)| t as u64).sum::<u64>();
 
-        let vocab = self.shared.config.vocab_size;
         // Sequences whose whole prompt is now computed sample their next token, each
-        // from its logits row, in parallel.
+        // from its row of the readout, in parallel.
         let mut sampling = vec![None; self.running.len()];
         let mut row = 0;
         for &(i, take) in &plan {
@@ -1475,8 +1496,21 @@ impl Core {
             .enumerate()
             .filter_map(|(i, (seq, row))| {
                 let row = row?;
-                let logits = &logits[row * vocab..(row + 1) * vocab];
-                Some((i, seq.sampler.sample(logits, &seq.tokens)))
+                let token = match &readout {
+                    Readout::Logits(logits) => {
+                        let logits = &logits[row * vocab..(row + 1) * vocab];
+                        seq.sampler.sample(logits, &seq.tokens)
+                    }
+                    Readout::Picked(picked) => {
+                        let (id, logprob) = picked[row];
+                        SampledToken {
+                            id,
+                            logprob,
+                            top: Vec::new(),
+                        }
+                    }
+                };
+                Some((i, token))
             })
             .collect();
         let mut done = Vec::new();
@@ -1540,6 +1574,23 @@ impl Core {
             tokens_computed: self.tokens_computed,
         };
         *self.load.lock().unwrap_or_else(PoisonError::into_inner) = report;
+    }
+}
+
+/// What a step gives the sampling sequences: a row of logits each, or each
+/// one's greedy token and log-probability picked by the backend.
+enum Readout {
+    Logits(Vec<f32>),
+    Picked(Vec<(u32, f32)>),
+}
+
+impl Readout {
+    /// Whether it holds exactly `rows` rows.
+    fn fits(&self, rows: usize, vocab: usize) -> bool {
+        match self {
+            Readout::Logits(l) => l.len() == rows * vocab,
+            Readout::Picked(p) => p.len() == rows,
+        }
     }
 }
 

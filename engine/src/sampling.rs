@@ -202,6 +202,14 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether a token is the raw logits' argmax and needs nothing else of
+    /// them (no penalties, no alternatives): what [`greedy_pick`] gives, so a
+    /// backend may pick it on the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        (p.temperature <= 0.0 || p.top_k == 1) && !has_penalties(p) && p.logprobs == 0
+    }
+
     /// Picks the next token from raw logits; `context` is the prompt and the
     /// tokens generated so far.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> SampledToken {
@@ -278,8 +286,12 @@ impl Sampler {
     }
 }
 
+fn has_penalties(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+}
+
 fn apply_penalties(logits: &mut [f32], context: &[u32], p: &SamplingParams) {
-    if p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
+    if !has_penalties(p) {
         return;
     }
     let window = &context[context.len().saturating_sub(p.penalty_window)..];
@@ -298,6 +310,17 @@ fn apply_penalties(logits: &mut [f32], context: &[u32], p: &SamplingParams) {
         }
         *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
     }
+}
+
+/// A plain greedy choice from one row of raw logits: the argmax and its
+/// log-probability, exactly what [`Sampler::sample`] gives when
+/// [`Sampler::is_plain_greedy`].
+pub fn greedy_pick(logits: &[f32]) -> (u32, f32) {
+    let id = argmax(logits);
+    let logprob = logits
+        .get(id as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - log_sum_exp(logits));
+    (id, logprob)
 }
 
 /// Index of the largest value; ties go to the lowest index.
@@ -426,6 +449,50 @@ mod tests {
     fn greedy_is_argmax_with_lowest_index_on_ties() {
         let mut s = Sampler::new(params());
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 3.0], &[]).id, 1);
+    }
+
+    #[test]
+    fn a_plain_greedy_pick_is_what_the_sampler_gives() {
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919 % 1013) as f32) / 40.0 - 12.0)
+            .collect();
+        let mut s = Sampler::new(params());
+        assert!(s.is_plain_greedy());
+        let want = s.sample(&logits, &[1, 2, 3]);
+        assert_eq!(greedy_pick(&logits), (want.id, want.logprob));
+        assert_eq!(
+            greedy_pick(&[1.0, 3.0, 3.0]).0,
+            1,
+            "ties to the lowest index"
+        );
+        assert!(greedy_pick(&[f32::NEG_INFINITY; 4]).1.is_nan());
+        // Anything that needs more of the logits than their argmax is not plain.
+        for p in [
+            SamplingParams {
+                temperature: 0.7,
+                ..params()
+            },
+            SamplingParams {
+                logprobs: 2,
+                ..params()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..params()
+            },
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..params()
+            },
+        ] {
+            assert!(!Sampler::new(p).is_plain_greedy());
+        }
+        let top1 = SamplingParams {
+            temperature: 0.7,
+            top_k: 1,
+            ..params()
+        };
+        assert!(Sampler::new(top1).is_plain_greedy());
     }
 
     #[test]

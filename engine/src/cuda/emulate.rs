@@ -162,6 +162,7 @@ extern "C" int emu_launch(const char* kernel, unsigned gx, unsigned gy, unsigned
     KERNEL(rope, rope(P(0, float*), P(1, const int*), P(2, const double*), P(3, int), P(4, int), P(5, int), P(6, int)))
     KERNEL(kv_write, kv_write(P(0, const float*), P(1, const float*), P(2, u16*), P(3, const i64*), P(4, i64), P(5, i64), P(6, int)))
     KERNEL(gather_rows, gather_rows(P(0, const float*), P(1, const int*), P(2, float*), P(3, int)))
+    KERNEL(argmax_logprob, argmax_logprob(P(0, const float*), P(1, int), P(2, unsigned*), P(3, float*)))
     KERNEL(attn_decode, attn_decode(P(0, const float*), P(1, const u16*), P(2, float*), P(3, const int*), P(4, const int*), P(5, const int*), P(6, const int*), P(7, i64), P(8, i64), P(9, i64), P(10, int), P(11, int), P(12, int), P(13, int), P(14, float)))
     KERNEL(attn_prefill, attn_prefill(P(0, const float*), P(1, const u16*), P(2, float*), P(3, const int*), P(4, const int*), P(5, const int*), P(6, const int*), P(7, i64), P(8, i64), P(9, i64), P(10, int), P(11, int), P(12, int), P(13, int), P(14, float)))
     return -1;

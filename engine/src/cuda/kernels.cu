@@ -352,6 +352,76 @@ extern "C" __global__ void __launch_bounds__(256) rms_norm(const float* __restri
     }
 }
 
+// Greedy readout, one block per row of `logits` (`vocab` wide): the first
+// index of the largest value (NaNs never win nor count; 0 for a row with no
+// number above -inf) and its log-probability under the raw distribution,
+// logits[id] - ln sum_j exp(logits[j]), as the host's greedy_pick computes it
+// up to the order of the sum.
+extern "C" __global__ void __launch_bounds__(256) argmax_logprob(const float* __restrict__ logits, int vocab,
+                                          unsigned* __restrict__ ids, float* __restrict__ logprobs) {
+    __shared__ float best_w[32];
+    __shared__ int at_w[32];
+    __shared__ float sum_w[32];
+    __shared__ float max_s;
+    __shared__ int id_s;
+    const float* x = logits + (i64)blockIdx.x * vocab;
+    float best = NEG_INF;
+    int at = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = x[i];
+        if (v > best) {
+            best = v;
+            at = i;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ob = __shfl_xor_sync(FULL_MASK, best, o);
+        int oa = __shfl_xor_sync(FULL_MASK, at, o);
+        if (ob > best || (ob == best && oa < at)) {
+            best = ob;
+            at = oa;
+        }
+    }
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int nw = (blockDim.x + WARP - 1) / WARP;
+    if (lane == 0) {
+        best_w[warp] = best;
+        at_w[warp] = at;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < nw; ++w) {
+            if (best_w[w] > best || (best_w[w] == best && at_w[w] < at)) {
+                best = best_w[w];
+                at = at_w[w];
+            }
+        }
+        max_s = best;
+        id_s = at == 0x7fffffff ? 0 : at;
+    }
+    __syncthreads();
+    float m = max_s;
+    bool finite = m > NEG_INF && m < -NEG_INF;
+    float s = 0.0f;
+    if (finite) {
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            float dl = x[i] - m;
+            if (dl == dl) s += expf(dl);  // a NaN adds nothing, as on the host
+        }
+    }
+    s = warp_sum(s);
+    if (lane == 0) sum_w[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < nw; ++w) total += sum_w[w];
+        float lse = finite ? m + (float)log(total) : m;
+        ids[blockIdx.x] = (unsigned)id_s;
+        logprobs[blockIdx.x] = x[id_s] - lse;
+    }
+}
+
 // x[r * dim + i] += bias[i] for every row (Qwen2's q/k/v biases).
 extern "C" __global__ void __launch_bounds__(256) add_bias(float* __restrict__ x, const float* __restrict__ bias,
                                     i64 total, int dim) {

@@ -335,12 +335,13 @@ pub(crate) enum Kernel {
     Rope,
     KvWrite,
     GatherRows,
+    ArgmaxLogprob,
     AttnDecode,
     AttnPrefill,
 }
 
 /// The `extern "C" __global__` names in kernels.cu, indexed by [`Kernel`].
-pub(crate) const KERNEL_NAMES: [&str; 17] = [
+pub(crate) const KERNEL_NAMES: [&str; 18] = [
     "quantize_q8",
     "mm_q4_0",
     "mm_q4_1",
@@ -356,6 +357,7 @@ pub(crate) const KERNEL_NAMES: [&str; 17] = [
     "rope",
     "kv_write",
     "gather_rows",
+    "argmax_logprob",
     "attn_decode",
     "attn_prefill",
 ];
@@ -940,6 +942,8 @@ struct Activations {
     last: DeviceBuf,
     last_norm: DeviceBuf,
     logits: DeviceBuf,
+    /// Greedy picks: `logit_rows` token ids, then as many log-probabilities.
+    picked: DeviceBuf,
 }
 
 impl Activations {
@@ -973,6 +977,7 @@ impl Activations {
             last: f(logit_rows * d, "last rows")?,
             last_norm: f(logit_rows * d, "last rows")?,
             logits: f(logit_rows * c.vocab_size, "logits")?,
+            picked: f(2 * logit_rows, "greedy picks")?,
         })
     }
 }
@@ -1093,12 +1098,14 @@ impl Drop for Graph {
 }
 
 /// What a captured step's launches depend on, besides the buffers'
-/// addresses: the rows, the logit rows and where each index array starts.
+/// addresses: the rows, the logit rows, where each index array starts, and
+/// whether the step ends in greedy picks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct GraphKey {
     rows: usize,
     logit_rows: usize,
     offs: [usize; 8],
+    greedy: bool,
 }
 
 /// Decode steps captured as CUDA graphs.
@@ -1449,16 +1456,19 @@ impl CudaBackend {
             .launch(k, linear_grid(total, ROW_THREADS), ROW_THREADS, 0, args)
     }
 
+    /// Runs a step, its output (logits, or greedy picks) left on the device;
+    /// returns how many rows of output it has.
     fn forward_inner(
         &mut self,
         batch: &[BatchSeq<'_>],
         on_layer: Option<LayerHook<'_>>,
-    ) -> Result<Vec<f32>, CudaError> {
+        greedy: bool,
+    ) -> Result<usize, CudaError> {
         self.dev.bind()?;
         let p = pack(batch, self.layout, self.num_blocks)?;
         let n = p.n_tokens();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let n_logits = p.logit_rows.len();
         let mut grew = false;
@@ -1472,12 +1482,13 @@ impl CudaBackend {
                 rows: n,
                 logit_rows: n_logits,
                 offs,
+                greedy,
             };
             let handle = match self.graphs.get(&key) {
                 Some(h) => h,
                 None => {
                     self.dev.begin_capture()?;
-                    let queued = self.queue_step(&p, &ix, None);
+                    let queued = self.queue_step(&p, &ix, None, greedy);
                     // Ended whatever happened, so the stream takes work
                     // again; a graph cut short is freed on the way out.
                     let graph = self.dev.end_capture().map(|handle| Graph {
@@ -1493,32 +1504,55 @@ impl CudaBackend {
             self.dev.replay(handle)?;
             self.graphs.replayed += 1;
         } else {
-            self.queue_step(&p, &ix, on_layer)?;
+            self.queue_step(&p, &ix, on_layer, greedy)?;
         }
-        let Some(a) = self.acts.as_ref() else {
-            return Err(CudaError::Batch("buffers missing after reserve".into()));
-        };
         if n_logits == 0 {
             // Nothing to read back, but the step's K/V must be in place before
             // the engine hands its blocks to anyone.
             self.dev.sync()?;
-            return Ok(Vec::new());
         }
-        let mut logits = vec![0f32; n_logits * self.config.vocab_size];
+        Ok(n_logits)
+    }
+
+    /// The step's `rows` rows of logits (a copy waits for the step).
+    fn read_logits(&self, rows: usize) -> Result<Vec<f32>, CudaError> {
+        let (Some(a), true) = (self.acts.as_ref(), rows > 0) else {
+            return Ok(Vec::new());
+        };
+        let mut logits = vec![0f32; rows * self.config.vocab_size];
         self.dev
             .dtoh(bytemuck::cast_slice_mut(&mut logits), a.logits.ptr)?;
         Ok(logits)
     }
 
+    /// The step's `rows` greedy picks, in one copy of 8 bytes a row.
+    fn read_picked(&self, rows: usize) -> Result<Vec<(u32, f32)>, CudaError> {
+        let (Some(a), true) = (self.acts.as_ref(), rows > 0) else {
+            return Ok(Vec::new());
+        };
+        let cap = a.logit_rows;
+        let mut both = vec![0u32; 2 * cap];
+        self.dev
+            .dtoh(bytemuck::cast_slice_mut(&mut both), a.picked.ptr)?;
+        let (ids, logprobs) = both.split_at(cap);
+        Ok(ids[..rows]
+            .iter()
+            .zip(&logprobs[..rows])
+            .map(|(&id, &lp)| (id, f32::from_bits(lp)))
+            .collect())
+    }
+
     /// Queues the launches of one step, through the logits of the rows that
-    /// want them; `on_layer` runs for layer `l` once layer `l + 1`'s launches
-    /// are queued (the last layer's after the logits'), its reads waiting on
-    /// the copy stream for layer `l`'s mark while the GPU goes on.
+    /// want them (and with `greedy`, their picks); `on_layer` runs for layer
+    /// `l` once layer `l + 1`'s launches are queued (the last layer's after
+    /// the logits'), its reads waiting on the copy stream for layer `l`'s
+    /// mark while the GPU goes on.
     fn queue_step(
         &self,
         p: &PackedBatch,
         ix: &IndexPtrs,
         mut on_layer: Option<LayerHook<'_>>,
+        greedy: bool,
     ) -> Result<(), CudaError> {
         let this = self;
         let n = p.n_tokens();
@@ -1698,6 +1732,20 @@ impl CudaBackend {
 
         if n_logits > 0 {
             this.queue_logits(a, ix, n_logits)?;
+            if greedy {
+                this.dev.launch(
+                    Kernel::ArgmaxLogprob,
+                    (n_logits as u32, 1, 1),
+                    ROW_THREADS,
+                    0,
+                    &[
+                        Arg::P(a.logits.ptr),
+                        Arg::I(c.vocab_size as i32),
+                        Arg::P(a.picked.ptr),
+                        Arg::P(a.picked.ptr + 4 * a.logit_rows as u64),
+                    ],
+                )?;
+            }
         }
         if let Some(hook) = on_layer.as_mut() {
             let last = c.n_layers - 1;
@@ -1835,7 +1883,17 @@ impl Backend for CudaBackend {
         batch: &[BatchSeq<'_>],
         on_layer: Option<LayerHook<'_>>,
     ) -> Result<Vec<f32>, BackendError> {
-        Ok(self.forward_inner(batch, on_layer)?)
+        let rows = self.forward_inner(batch, on_layer, false)?;
+        Ok(self.read_logits(rows)?)
+    }
+
+    fn forward_greedy(
+        &mut self,
+        batch: &[BatchSeq<'_>],
+        on_layer: Option<LayerHook<'_>>,
+    ) -> Result<Vec<(u32, f32)>, BackendError> {
+        let rows = self.forward_inner(batch, on_layer, true)?;
+        Ok(self.read_picked(rows)?)
     }
 
     fn read_kv_piece(

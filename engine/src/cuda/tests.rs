@@ -235,6 +235,7 @@ float expf(float);
 float fabsf(float);
 float fmaxf(float, float);
 double sqrt(double);
+double log(double);
 void sincos(double, double*, double*);
 "#;
 
@@ -689,6 +690,59 @@ mod kernels {
         assert_eq!(get_f32(d, out, 3 * dim), want, "gather_rows");
     }
 
+    /// Greedy picks on the device: the host's `greedy_pick` over rows of a
+    /// real vocabulary's width, with ties (the lowest index wins), a NaN that
+    /// must not win, and a row of nothing but -inf.
+    fn greedy_picks_match_the_host(d: &mut dyn TestDev) {
+        let vocab = 49_152;
+        let mut rng = Rng(7);
+        let mut rows: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(vocab, -20.0, 20.0)).collect();
+        rows[1][40_000] = 25.0;
+        rows[1][123] = 25.0;
+        rows[2][7] = f32::NAN;
+        rows[2][9_999] = 30.0;
+        rows[3].fill(f32::NEG_INFINITY);
+        let flat: Vec<f32> = rows.concat();
+        let logits = put(d, &flat);
+        let ids = zeros(d, 4 * rows.len());
+        let lps = zeros(d, 4 * rows.len());
+        d.launcher()
+            .launch(
+                Kernel::ArgmaxLogprob,
+                (rows.len() as u32, 1, 1),
+                ROW_THREADS,
+                0,
+                &[
+                    Arg::P(logits),
+                    Arg::I(vocab as i32),
+                    Arg::P(ids),
+                    Arg::P(lps),
+                ],
+            )
+            .unwrap();
+        let got_ids: Vec<u32> = bytemuck::cast_slice(&d.get_bytes(ids, 4 * rows.len())).to_vec();
+        let got_lps = get_f32(d, lps, rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let (id, lp) = crate::sampling::greedy_pick(row);
+            assert_eq!(got_ids[r], id, "row {r}: argmax");
+            if lp.is_finite() {
+                assert!(
+                    (got_lps[r] - lp).abs() <= 1e-4 * lp.abs().max(1.0),
+                    "row {r}: log-probability {} against the host's {lp}",
+                    got_lps[r]
+                );
+            } else {
+                assert!(
+                    got_lps[r].is_nan() && lp.is_nan(),
+                    "row {r}: {}",
+                    got_lps[r]
+                );
+            }
+        }
+        assert_eq!(got_ids[1], 123, "ties go to the lowest index");
+        assert_eq!(got_ids[3], 0, "a row of -inf picks 0");
+    }
+
     /// A small config for the attention and RoPE tests (SmolLM2-135M's heads).
     fn attn_config(arch: Arch) -> ModelConfig {
         ModelConfig {
@@ -875,6 +929,7 @@ mod kernels {
         matrix_products_match_the_cpu_for_every_type,
         embedding_rows_dequantize_like_the_cpu,
         row_and_elementwise_kernels_match_the_cpu,
+        greedy_picks_match_the_host,
         rope_matches_the_cpu_in_both_styles,
         kv_write_and_both_attention_variants_match_the_cpu,
     );
@@ -1024,8 +1079,26 @@ mod model {
                 },
             ];
             let c = cpu_b.forward(&batch, None).expect("forward");
-            let gl = gpu_b.forward(&batch, None).expect("forward");
-            compare(&format!("decode step {step}"), &c, &gl);
+            if step % 4 == 3 {
+                // Greedy picks on the device: the CPU's argmax and log-probability.
+                let picks = gpu_b.forward_greedy(&batch, None).expect("forward");
+                assert_eq!(picks.len(), 2, "decode step {step}: picks");
+                for (row, (cr, &(id, lp))) in c.chunks(vocab).zip(&picks).enumerate() {
+                    let (want, want_lp) = crate::sampling::greedy_pick(cr);
+                    let (_, gap) = argmax(cr);
+                    assert!(
+                        id == want || gap < 1e-2,
+                        "decode step {step} row {row}: picked {id} on the GPU, {want} on the CPU"
+                    );
+                    assert!(
+                        (lp - want_lp).abs() < 1e-2,
+                        "decode step {step} row {row}: log-probability {lp}, the CPU's {want_lp}"
+                    );
+                }
+            } else {
+                let gl = gpu_b.forward(&batch, None).expect("forward");
+                compare(&format!("decode step {step}"), &c, &gl);
+            }
             ta = argmax(&c[..vocab]).0 as u32;
             tb = argmax(&c[vocab..]).0 as u32;
         }
@@ -1405,8 +1478,9 @@ mod emulated_model {
 
         // Decode steps with no hook are captured once per shape and replayed:
         // three sequences twice, then two (b is done), with c's logits
-        // skipped once. Positions cross blocks on the way, so a replay that
-        // kept anything of the step it was captured in would show.
+        // skipped once, and steps 5 and 7 ending in greedy picks (a shape of
+        // their own). Positions cross blocks on the way, so a replay that kept
+        // anything of the step it was captured in would show.
         for step in 4..10 {
             let (ia, ib, ic) = ([ta], [tb], [tc]);
             let one = |tokens, start_pos, blocks, want_logits| BatchSeq {
@@ -1421,11 +1495,29 @@ mod emulated_model {
             }
             batch.push(one(&ic, c.len() + step - 4, &bc, step != 8));
             let cl = cpu_b.forward(&batch, None).expect("forward");
-            let el = emu_b.forward(&batch, None).expect("forward");
-            assert_eq!(cl.len(), el.len(), "{what} step {step}: logits rows");
-            for (r, (crow, erow)) in cl.chunks(vocab).zip(el.chunks(vocab)).enumerate() {
-                let where_ = format!("{what} graph step {step} logits row {r}");
-                assert_close(&where_, erow, crow, LOGIT_TOL, 0.0);
+            if step == 5 || step == 7 {
+                // Greedy picks on the device against the host's on the CPU's logits.
+                let picks = emu_b.forward_greedy(&batch, None).expect("forward");
+                assert_eq!(picks.len(), cl.len() / vocab, "{what} step {step}: picks");
+                for (r, (crow, &(id, lp))) in cl.chunks(vocab).zip(&picks).enumerate() {
+                    let (want_id, want_lp) = crate::sampling::greedy_pick(crow);
+                    let gap = crow[want_id as usize] - crow[id as usize];
+                    assert!(
+                        id == want_id || gap < 0.5,
+                        "{what} step {step} row {r}: picked {id}, the CPU's argmax {want_id}"
+                    );
+                    assert!(
+                        (lp - want_lp).abs() < 0.1,
+                        "{what} step {step} row {r}: log-probability {lp}, the CPU's {want_lp}"
+                    );
+                }
+            } else {
+                let el = emu_b.forward(&batch, None).expect("forward");
+                assert_eq!(cl.len(), el.len(), "{what} step {step}: logits rows");
+                for (r, (crow, erow)) in cl.chunks(vocab).zip(el.chunks(vocab)).enumerate() {
+                    let where_ = format!("{what} graph step {step} logits row {r}");
+                    assert_close(&where_, erow, crow, LOGIT_TOL, 0.0);
+                }
             }
             let rows: Vec<&[f32]> = cl.chunks(vocab).collect();
             ta = argmax(rows[0]) as u32;
@@ -1450,14 +1542,14 @@ mod emulated_model {
             }
         }
         assert_eq!(
-            emu_b.graphs.captured, 3,
+            emu_b.graphs.captured, 5,
             "{what}: one capture per step shape"
         );
         assert_eq!(
             emu_b.graphs.replayed, 6,
             "{what}: every decode step replayed"
         );
-        assert_eq!(emu.live_graphs(), 3, "{what}: graphs alive");
+        assert_eq!(emu.live_graphs(), 5, "{what}: graphs alive");
         // Pieces written in, scattered to blocks apart, read back unchanged.
         let mut cp = Vec::new();
         for b in [2, 3] {
@@ -1499,6 +1591,7 @@ mod emulated_model {
             rows,
             logit_rows: rows,
             offs: [0; 8],
+            greedy: false,
         };
         let mut graphs = Graphs::new(true);
         for rows in 0..MAX_GRAPHS {
