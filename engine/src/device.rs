@@ -89,12 +89,15 @@ mod tests {
 
     #[test]
     fn parses_every_accepted_spelling() {
-        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
-        assert_eq!("CPU".parse::<Device>().unwrap(), Device::Cpu);
-        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert_eq!("gpu".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert_eq!("cuda:0".parse::<Device>().unwrap(), Device::Cuda(0));
-        assert_eq!(" cuda:3 ".parse::<Device>().unwrap(), Device::Cuda(3));
+        assert_eq!("cpu".parse::<Device>().expect("parses"), Device::Cpu);
+        assert_eq!("CPU".parse::<Device>().expect("parses"), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().expect("parses"), Device::Cuda(0));
+        assert_eq!("gpu".parse::<Device>().expect("parses"), Device::Cuda(0));
+        assert_eq!("cuda:0".parse::<Device>().expect("parses"), Device::Cuda(0));
+        assert_eq!(
+            " cuda:3 ".parse::<Device>().expect("parses"),
+            Device::Cuda(3)
+        );
     }
 
     #[test]
@@ -120,12 +123,12 @@ mod tests {
     #[test]
     fn display_round_trips_and_serde_uses_the_string() {
         for d in [Device::Cpu, Device::Cuda(0), Device::Cuda(7)] {
-            assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
-            let j = serde_json::to_string(&d).unwrap();
-            assert_eq!(serde_json::from_str::<Device>(&j).unwrap(), d);
+            assert_eq!(d.to_string().parse::<Device>().expect("parses"), d);
+            let j = serde_json::to_string(&d).expect("serializes");
+            assert_eq!(serde_json::from_str::<Device>(&j).expect("deserializes"), d);
         }
         assert_eq!(
-            serde_json::to_string(&Device::Cuda(2)).unwrap(),
+            serde_json::to_string(&Device::Cuda(2)).expect("serializes"),
             "\"cuda:2\""
         );
         assert!(serde_json::from_str::<Device>("\"cuda:z\"").is_err());

@@ -160,7 +160,8 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().contains("itl_ms"));
-        let partial = PlannerTargets::from_json("k", br#"{"ttft_ms": 500}"#).unwrap();
+        let partial =
+            PlannerTargets::from_json("k", br#"{"ttft_ms": 500}"#).expect("partial targets parse");
         assert_eq!(partial.ttft_ms, 500.0);
         assert_eq!(partial.itl_ms, PlannerTargets::default().itl_ms);
         assert!(PlannerTargets::from_json("k", br#"{"tftt_ms": 500}"#).is_err());

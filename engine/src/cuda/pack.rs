@@ -158,7 +158,7 @@ mod tests {
                 want_logits: true,
             },
         ];
-        let p = pack(&batch, layout(), 10).unwrap();
+        let p = pack(&batch, layout(), 10).expect("the batch packs");
         let mut tokens = vec![7];
         tokens.extend(100..111);
         tokens.push(42);
@@ -223,7 +223,7 @@ mod tests {
                 want_logits: false,
             },
         ];
-        let p = pack(&batch, layout(), 10).unwrap();
+        let p = pack(&batch, layout(), 10).expect("the batch packs");
         let mut seen = vec![0; p.n_tokens()];
         for &r in &p.decode {
             seen[r as usize] += 1;

@@ -120,11 +120,19 @@ fn index_arrays_are_aligned_and_round_trip() {
     let (bytes, offs) = index_bytes(&p);
     assert!(offs.iter().all(|o| o % 8 == 0), "{offs:?}");
     let i32_at = |o: usize, i: usize| {
-        i32::from_le_bytes(bytes[o + 4 * i..o + 4 * i + 4].try_into().unwrap())
+        i32::from_le_bytes(
+            bytes[o + 4 * i..o + 4 * i + 4]
+                .try_into()
+                .expect("a slice of the value's size"),
+        )
     };
     assert_eq!(i32_at(offs[0], 2), 3);
     assert_eq!(i32_at(offs[1], 1), 1);
-    let kv = i64::from_le_bytes(bytes[offs[2] + 16..offs[2] + 24].try_into().unwrap());
+    let kv = i64::from_le_bytes(
+        bytes[offs[2] + 16..offs[2] + 24]
+            .try_into()
+            .expect("a slice of the value's size"),
+    );
     assert_eq!(kv, 30);
     assert_eq!(i32_at(offs[4], 0), 4);
     assert_eq!(offs[5], offs[6], "an empty array takes no room");
@@ -191,7 +199,11 @@ fn nvrtc_is_looked_for_under_the_cuda_13_name_first() {
         .position(|n| n == "libnvrtc.so.13")
         .expect("libnvrtc.so.13 is tried");
     assert!(
-        names.iter().position(|n| n == "libnvrtc.so.12").unwrap() > first_plain,
+        names
+            .iter()
+            .position(|n| n == "libnvrtc.so.12")
+            .expect("libnvrtc.so.12 among the candidates")
+            > first_plain,
         "{names:?}"
     );
     assert!(
@@ -515,12 +527,14 @@ mod kernels {
                 0,
                 &[Arg::P(xb), Arg::P(q8), Arg::I(n_blocks as i32)],
             )
-            .unwrap();
+            .expect("quantize_q8 launches");
         let raw = d.get_bytes(q8, n_blocks * Q8_ACT_BYTES);
         let want = cpu::quantize_acts(&x, 1, x.len());
         for (i, (b, w)) in raw.chunks_exact(Q8_ACT_BYTES).zip(&want).enumerate() {
-            let f = |o: usize| f32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-            let sum = i32::from_le_bytes(b[8..12].try_into().unwrap());
+            let f = |o: usize| {
+                f32::from_le_bytes(b[o..o + 4].try_into().expect("a slice of the value's size"))
+            };
+            let sum = i32::from_le_bytes(b[8..12].try_into().expect("a slice of the value's size"));
             let qs: Vec<i8> = b[12..44].iter().map(|&v| v as i8).collect();
             assert_eq!((f(0), f(4), sum), (w.d, w.s, w.sum), "block {i}");
             assert_eq!(qs, w.qs.to_vec(), "block {i}");
@@ -532,7 +546,7 @@ mod kernels {
         let (rows, cols) = (37, 320);
         for ty in ALL_TYPES {
             let data = random_matrix(&mut rng, ty, rows, cols);
-            let host = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let host = QMatrix::new(ty, rows, cols, &data).expect("a valid matrix");
             let w = WeightRef {
                 ptr: d.put_bytes(&data),
                 ty,
@@ -551,7 +565,7 @@ mod kernels {
                 let xb = put(d, &x);
                 let q8 = zeros(d, n * cols / 32 * Q8_ACT_BYTES);
                 let out = zeros(d, n * rows * 4);
-                matmul(d.launcher(), q8, w, xb, n, out, &mut None).unwrap();
+                matmul(d.launcher(), q8, w, xb, n, out, &mut None).expect("matmul launches");
                 let got = get_f32(d, out, n * rows);
                 assert_close(&format!("{ty:?} n={n}"), &got, &want, 1e-4, 1e-5);
             }
@@ -567,7 +581,7 @@ mod kernels {
             let tokens: Vec<u32> = vec![0, 7, 49, 1000, 3]; // 1000 clamps to 49
             let tb = put(d, &tokens);
             let out = zeros(d, tokens.len() * dim * 4);
-            let rb = ty.row_bytes(dim).unwrap();
+            let rb = ty.row_bytes(dim).expect("row size");
             d.launcher()
                 .launch(
                     Kernel::Embed,
@@ -584,7 +598,7 @@ mod kernels {
                         Arg::I(vocab as i32),
                     ],
                 )
-                .unwrap();
+                .expect("embed launches");
             let got = get_f32(d, out, tokens.len() * dim);
             let mut want = vec![0f32; tokens.len() * dim];
             for (row, &t) in want.chunks_mut(dim).zip(&tokens) {
@@ -617,7 +631,7 @@ mod kernels {
                     Arg::F(1e-5),
                 ],
             )
-            .unwrap();
+            .expect("rms_norm launches");
         let mut want = vec![0f32; total];
         for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
             cpu::rms_norm(xr, &w, 1e-5, o);
@@ -635,7 +649,7 @@ mod kernels {
                 0,
                 &[Arg::P(gb), Arg::P(ub), Arg::P(out), Arg::L(total as i64)],
             )
-            .unwrap();
+            .expect("silu_mul launches");
         let mut want = vec![0f32; total];
         cpu::silu_mul(&gate, &up, &mut want);
         assert_close("silu_mul", &get_f32(d, out, total), &want, 1e-6, 1e-7);
@@ -656,7 +670,7 @@ mod kernels {
                 Arg::I(dim as i32),
             ],
         )
-        .unwrap();
+        .expect("add_bias launches");
         l.launch(
             Kernel::AddInplace,
             linear_grid(total, ROW_THREADS),
@@ -664,7 +678,7 @@ mod kernels {
             0,
             &[Arg::P(xb2), Arg::P(gb), Arg::L(total as i64)],
         )
-        .unwrap();
+        .expect("add_inplace launches");
         let want: Vec<f32> = x
             .iter()
             .enumerate()
@@ -682,7 +696,7 @@ mod kernels {
                 0,
                 &[Arg::P(xb), Arg::P(rw), Arg::P(out), Arg::I(dim as i32)],
             )
-            .unwrap();
+            .expect("gather_rows launches");
         let want: Vec<f32> = rows_wanted
             .iter()
             .flat_map(|&r| x[r as usize * dim..(r as usize + 1) * dim].to_vec())
@@ -719,7 +733,7 @@ mod kernels {
                     Arg::P(lps),
                 ],
             )
-            .unwrap();
+            .expect("argmax_logprob launches");
         let got_ids: Vec<u32> = bytemuck::cast_slice(&d.get_bytes(ids, 4 * rows.len())).to_vec();
         let got_lps = get_f32(d, lps, rows.len());
         for (r, row) in rows.iter().enumerate() {
@@ -784,7 +798,7 @@ mod kernels {
                 ..PackedBatch::default()
             };
             let ix = put_index(d, &p);
-            rope(d.launcher(), &c, fb, xb, c.n_heads, &ix, n).unwrap();
+            rope(d.launcher(), &c, fb, xb, c.n_heads, &ix, n).expect("rope launches");
             let mut want = x.clone();
             for (row, &pos) in want.chunks_mut(width).zip(&positions) {
                 rope_in_place(row, pos as usize, c.head_dim, &freqs, arch);
@@ -851,7 +865,7 @@ mod kernels {
                     want_logits: true,
                 },
             ];
-            let p = pack(&batch, layout, num_blocks).unwrap();
+            let p = pack(&batch, layout, num_blocks).expect("the batch packs");
             let n = p.n_tokens();
             let q = rng.vec(n * q_dim, -2.0, 2.0);
             let k = rng.vec(n * kv_dim, -2.0, 2.0);
@@ -863,8 +877,10 @@ mod kernels {
             let (qb, kb, vb) = (put(d, &q), put(d, &k), put(d, &v));
             let out = zeros(d, n * q_dim * 4);
             let ix = put_index(d, &p);
-            kv_write(d.launcher(), &layout, kb, vb, pool_dev, &ix, n, layer).unwrap();
-            attention(d.launcher(), &c, &layout, qb, pool_dev, out, &ix, &p, layer).unwrap();
+            kv_write(d.launcher(), &layout, kb, vb, pool_dev, &ix, n, layer)
+                .expect("kv_write launches");
+            attention(d.launcher(), &c, &layout, qb, pool_dev, out, &ix, &p, layer)
+                .expect("attention launches");
             let got = get_f32(d, out, n * q_dim);
             let pool_after = d.get_bytes(pool_dev, all.len());
 
@@ -986,7 +1002,10 @@ mod model {
             return;
         }
         let path = crate::paths::test_model_path();
-        let load = || Model::load(crate::gguf::GgufFile::open(&path).unwrap()).unwrap();
+        let load = || {
+            Model::load(crate::gguf::GgufFile::open(&path).expect("the model opens"))
+                .expect("the model loads")
+        };
         let (bs, nb) = (16, 64);
         let mut cpu_b = CpuBackend::new(load(), bs, nb);
         let mut gpu_b = CudaBackend::new(load(), bs, nb, 0).expect("the CUDA backend loads");
@@ -1294,9 +1313,12 @@ mod emulated_model {
         let file = std::fs::File::create(path).expect("create the model file");
         let mut w = GgufWriter::new(std::io::BufWriter::new(file), &meta, &specs).expect("header");
         for (i, (n, cols, rows, ty, std)) in tensors.iter().enumerate() {
-            let mut bytes = vec![0u8; ty.row_bytes(*cols).unwrap() * rows];
+            let mut bytes = vec![0u8; ty.row_bytes(*cols).expect("row size") * rows];
             let mut x = vec![0f32; *cols];
-            for (r, out) in bytes.chunks_mut(ty.row_bytes(*cols).unwrap()).enumerate() {
+            for (r, out) in bytes
+                .chunks_mut(ty.row_bytes(*cols).expect("row size"))
+                .enumerate()
+            {
                 crate::synth::fill_random(11, i as u64, r as u64, *std, &mut x);
                 if n.ends_with("norm.weight") {
                     x.iter_mut().for_each(|v| *v += 1.0);
@@ -1343,10 +1365,12 @@ mod emulated_model {
         };
         let dir =
             std::env::temp_dir().join(format!("tandem-cuda-emu-model-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
         let path = dir.join(format!("tiny-{arch:?}-{tied}.gguf"));
         tiny_model(arch, tied, &path);
-        let load = || Model::load(GgufFile::open(&path).unwrap()).unwrap();
+        let load = || {
+            Model::load(GgufFile::open(&path).expect("the model opens")).expect("the model loads")
+        };
         let (bs, nb) = (4, 24);
         let mut cpu_b = CpuBackend::new(load(), bs, nb);
         let emu = Rc::new(emu);
@@ -1595,8 +1619,8 @@ mod emulated_model {
         };
         let mut graphs = Graphs::new(true);
         for rows in 0..MAX_GRAPHS {
-            dev.begin_capture().unwrap();
-            let handle = dev.end_capture().unwrap();
+            dev.begin_capture().expect("a capture starts");
+            let handle = dev.end_capture().expect("the capture ends");
             graphs.insert(
                 key(rows),
                 Graph {
@@ -1609,8 +1633,8 @@ mod emulated_model {
         // Shape 0 is used again, so shape 1 is now the oldest.
         assert!(graphs.get(&key(0)).is_some());
         graphs.replayed += 1;
-        dev.begin_capture().unwrap();
-        let handle = dev.end_capture().unwrap();
+        dev.begin_capture().expect("a capture starts");
+        let handle = dev.end_capture().expect("the capture ends");
         graphs.insert(
             key(MAX_GRAPHS),
             Graph {
@@ -1638,20 +1662,21 @@ mod emulated_model {
                 return;
             }
         };
-        let buf = emu.alloc(64).unwrap();
-        emu.begin_capture().unwrap();
+        let buf = emu.alloc(64).expect("an allocation");
+        emu.begin_capture().expect("a capture starts");
         assert!(emu.begin_capture().is_err(), "a capture inside a capture");
         assert!(emu.htod(buf, &[1; 8]).is_err());
         assert!(emu.sync().is_err());
         assert!(emu.mark(0).is_err());
-        emu.end_capture().unwrap();
-        emu.htod(buf, &[1; 8]).unwrap();
-        emu.sync().unwrap();
+        emu.end_capture().expect("the capture ends");
+        emu.htod(buf, &[1; 8]).expect("a copy in after the capture");
+        emu.sync().expect("a wait after the capture");
         // A read that waits for a layer nobody marked is refused.
         let mut out = [0u8; 8];
         assert!(emu.gather(&mut out, &[buf], Some(3)).is_err());
-        emu.mark(3).unwrap();
-        emu.gather(&mut out, &[buf], Some(3)).unwrap();
+        emu.mark(3).expect("a mark");
+        emu.gather(&mut out, &[buf], Some(3))
+            .expect("a read after its mark");
         assert_eq!(out, [1; 8]);
     }
 
