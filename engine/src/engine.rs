@@ -107,6 +107,11 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// KV blocks the cache holds: `kv_cache_tokens` rounded up to whole blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.kv_cache_tokens.div_ceil(self.block_size)
+    }
+
     fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::Config(m));
         if !(1..=1024).contains(&self.block_size) {
@@ -578,8 +583,7 @@ impl Engine {
         // A model without a chat template can still complete raw prompts.
         let chat_template = ChatTemplate::from_gguf(&file).ok();
         let model = Model::load(file)?;
-        let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
-        let backend = open_backend(config.device, model, config.block_size, num_blocks)?;
+        let backend = open_backend(config.device, model, config.block_size, config.num_blocks())?;
         Self::start(config, tokenizer, chat_template, backend)
     }
 
@@ -592,7 +596,7 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let mc = backend.config().clone();
         let layout = backend.kv_layout();
-        let num_blocks = config.kv_cache_tokens.div_ceil(config.block_size);
+        let num_blocks = config.num_blocks();
         let hasher = BlockHasher::new(&mc.name, config.block_size);
         let cache = KvCache::new(layout, num_blocks, hasher);
         let threads = config
@@ -1841,9 +1845,8 @@ mod tests {
         let file = GgufFile::open(crate::paths::test_model_path()).expect("model");
         let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer");
         let model = Model::load(file).expect("model");
-        let blocks = config.kv_cache_tokens / config.block_size;
         let backend = Faulty {
-            inner: CpuBackend::new(model, config.block_size, blocks),
+            inner: CpuBackend::new(model, config.block_size, config.num_blocks()),
             forwards_left,
             unreadable,
             gate,

@@ -74,7 +74,7 @@ fn simulated_worker_hits_match_the_engine() {
 
     let mut worker = SimWorker::new(WorkerConfig {
         block_size: config.block_size,
-        num_blocks: config.kv_cache_tokens / config.block_size,
+        num_blocks: config.num_blocks(),
         max_batch_tokens: config.max_batch_tokens,
         max_running: config.max_running,
     });

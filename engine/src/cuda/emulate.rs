@@ -422,20 +422,20 @@ impl Device for EmuDevice {
                 "a copy waits for layer {layer}'s mark, never recorded"
             )));
         }
-        let Some(piece) = dst.len().checked_div(srcs.len()) else {
+        if srcs.is_empty() || dst.is_empty() {
             return Ok(());
-        };
-        for (out, &src) in dst.chunks_mut(piece).zip(srcs) {
+        }
+        for (out, &src) in dst.chunks_mut((dst.len() / srcs.len()).max(1)).zip(srcs) {
             self.dtoh(out, src)?;
         }
         Ok(())
     }
 
     fn scatter(&self, dsts: &[u64], src: &[u8]) -> Result<(), CudaError> {
-        let Some(piece) = src.len().checked_div(dsts.len()) else {
+        if dsts.is_empty() || src.is_empty() {
             return Ok(());
-        };
-        for (&dst, p) in dsts.iter().zip(src.chunks(piece)) {
+        }
+        for (&dst, p) in dsts.iter().zip(src.chunks((src.len() / dsts.len()).max(1))) {
             self.htod(dst, p)?;
         }
         Ok(())

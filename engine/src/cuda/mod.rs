@@ -618,39 +618,11 @@ impl Device for Gpu {
     }
 
     fn htod(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
-        if src.len() <= STAGING_BYTES {
-            self.with_staging(src.len(), |buf| {
-                buf.copy_from_slice(src);
-                // SAFETY: the caller's `dst` holds `src.len()` bytes; the
-                // staging buffer is page-locked and waited for below.
-                unsafe { cu::memcpy_htod_async(dst, &*buf, self.stream) }
-                    .ctx(format!("copying {} bytes in", src.len()))?;
-                self.stream_sync()
-            })
-        } else {
-            self.stream_sync()?;
-            // SAFETY: the caller's `dst` holds `src.len()` bytes.
-            unsafe { cu::memcpy_htod_sync(dst, src) }.ctx(format!("copying {} bytes in", src.len()))
-        }
+        self.scatter(&[dst], src)
     }
 
     fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<(), CudaError> {
-        let n = dst.len();
-        if n <= STAGING_BYTES {
-            self.with_staging(n, |buf| {
-                // SAFETY: the caller's `src` holds `n` bytes; waited for below.
-                unsafe { cu::memcpy_dtoh_async(&mut *buf, src, self.stream) }
-                    .ctx(format!("copying {n} bytes out"))?;
-                self.stream_sync()?;
-                dst.copy_from_slice(buf);
-                Ok(())
-            })
-        } else {
-            // SAFETY: the caller's `src` holds `n` bytes; waited for below.
-            unsafe { cu::memcpy_dtoh_async(dst, src, self.stream) }
-                .ctx(format!("copying {n} bytes out"))?;
-            self.stream_sync()
-        }
+        self.gather(dst, &[src], None)
     }
 
     fn zero(&self, dst: u64, bytes: usize) -> Result<(), CudaError> {
@@ -678,10 +650,10 @@ impl Device for Gpu {
     }
 
     fn gather(&self, dst: &mut [u8], srcs: &[u64], after: Option<usize>) -> Result<(), CudaError> {
-        if srcs.is_empty() {
+        if srcs.is_empty() || dst.is_empty() {
             return Ok(());
         }
-        let piece = dst.len() / srcs.len();
+        let piece = (dst.len() / srcs.len()).max(1);
         let stream = match after {
             Some(layer) => {
                 let e = self.event(layer)?;
@@ -704,12 +676,12 @@ impl Device for Gpu {
                 // SAFETY: each source holds `piece` bytes (the caller's pool
                 // offsets); the buffer is waited for below.
                 unsafe { cu::memcpy_dtoh_async(slot, src, stream) }
-                    .ctx(format!("copying a {piece}-byte KV piece out"))?;
+                    .ctx(format!("copying {piece} bytes out"))?;
             }
             // SAFETY: the stream belongs to this context.
             unsafe { cu::stream::synchronize(stream) }.ctx("waiting for KV copies")
         };
-        let per_batch = (STAGING_BYTES / piece.max(1)).max(1);
+        let per_batch = (STAGING_BYTES / piece).max(1);
         for (out, srcs) in dst
             .chunks_mut(per_batch * piece)
             .zip(srcs.chunks(per_batch))
@@ -729,16 +701,20 @@ impl Device for Gpu {
     }
 
     fn scatter(&self, dsts: &[u64], src: &[u8]) -> Result<(), CudaError> {
-        let Some(piece) = src.len().checked_div(dsts.len()) else {
+        if dsts.is_empty() || src.is_empty() {
             return Ok(());
-        };
+        }
+        let piece = (src.len() / dsts.len()).max(1);
         if piece > STAGING_BYTES {
+            // Pieces larger than the staging buffer go from pageable memory.
+            self.stream_sync()?;
             for (&dst, p) in dsts.iter().zip(src.chunks(piece)) {
-                self.htod(dst, p)?;
+                // SAFETY: each destination holds `piece` bytes.
+                unsafe { cu::memcpy_htod_sync(dst, p) }.ctx(format!("copying {piece} bytes in"))?;
             }
             return Ok(());
         }
-        let per_batch = STAGING_BYTES / piece.max(1);
+        let per_batch = STAGING_BYTES / piece;
         for (dsts, src) in dsts.chunks(per_batch).zip(src.chunks(per_batch * piece)) {
             self.with_staging(src.len(), |buf| {
                 buf.copy_from_slice(src);
@@ -747,7 +723,7 @@ impl Device for Gpu {
                     // caller's pool offsets); the staging buffer is
                     // page-locked and waited for below.
                     unsafe { cu::memcpy_htod_async(dst, slot, self.stream) }
-                        .ctx(format!("copying a {piece}-byte KV piece in"))?;
+                        .ctx(format!("copying {piece} bytes in"))?;
                 }
                 self.stream_sync()
             })?;
