@@ -28,6 +28,7 @@ use crate::gguf::GgufFile;
 use crate::kv_cache::{BlockId, KvCache, KvLayout};
 use crate::model::{BatchSeq, Model, ModelConfig, ModelError};
 use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::schedule::{self, Scheduled};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Errors from loading an engine or submitting work to it.
@@ -944,6 +945,23 @@ struct Sequence {
     sent: usize,
 }
 
+impl Scheduled for Sequence {
+    fn context_len(&self) -> usize {
+        self.tokens.len()
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn blocks_mut(&mut self) -> &mut Vec<BlockId> {
+        &mut self.blocks
+    }
+    fn reset_kv(&mut self) {
+        self.blocks.clear();
+        self.hashes.clear();
+        self.computed = 0;
+    }
+}
+
 impl Sequence {
     fn new(id: u64, request: Box<Request>, out: tmpsc::UnboundedSender<TokenEvent>) -> Self {
         Self {
@@ -1323,58 +1341,14 @@ impl Core {
         }
     }
 
-    /// Returns the running sequence admitted last to the front of the queue,
-    /// freeing its blocks; its full blocks stay cached, so re-admission is cheap.
-    fn preempt_last(&mut self) -> bool {
-        let Some(mut seq) = self.running.pop() else {
-            return false;
-        };
-        tracing::debug!(id = seq.id, "preempting sequence for lack of KV blocks");
-        let blocks = std::mem::take(&mut seq.blocks);
-        self.release_blocks(&blocks);
-        seq.hashes.clear();
-        seq.computed = 0;
-        self.waiting.push_front(seq);
-        true
-    }
-
-    /// Plans one batch: decodes first, then prefill chunks, under the token budget.
-    /// Returns (running index, tokens to compute) pairs.
+    /// Plans one batch (see [`schedule::plan_step`]): (running index, tokens to compute) pairs.
     fn plan(&mut self) -> Vec<(usize, usize)> {
-        let bs = self.shared.layout.block_size;
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| {
-            let s = &self.running[i];
-            (s.tokens.len() - s.computed > 1, i)
-        });
-        let mut budget = self.config.max_batch_tokens;
-        let mut plan = Vec::new();
-        for i in order {
-            if budget == 0 {
-                break;
-            }
-            if i >= self.running.len() {
-                continue; // preempted below
-            }
-            let take = (self.running[i].tokens.len() - self.running[i].computed).min(budget);
-            let need = (self.running[i].computed + take).div_ceil(bs);
-            while self.running.get(i).is_some_and(|s| s.blocks.len() < need) {
-                match self.cache.allocate() {
-                    Some(b) => self.running[i].blocks.push(b),
-                    None => {
-                        if !self.preempt_last() {
-                            break;
-                        }
-                    }
-                }
-            }
-            if i < self.running.len() && self.running[i].blocks.len() >= need {
-                plan.push((i, take));
-                budget -= take;
-            }
-        }
-        plan.retain(|&(i, _)| i < self.running.len());
-        plan
+        schedule::plan_step(
+            &mut self.running,
+            &mut self.waiting,
+            &mut self.cache,
+            self.config.max_batch_tokens,
+        )
     }
 
     /// Runs one batch; false when nothing could run (the queue waits on retained KV).

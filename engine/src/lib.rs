@@ -22,5 +22,6 @@ pub mod kv_cache;
 pub mod model;
 pub mod paths;
 pub mod sampling;
+pub mod schedule;
 pub mod synth;
 pub mod tokenizer;

@@ -1,10 +1,11 @@
 //! A simulated worker: the engine's scheduler, step for step, over the engine's own
 //! KV cache bookkeeping, with a timing model in place of the forward pass.
 //!
-//! Admission, batch planning (decodes first, then prefill chunks under the token
-//! budget), block allocation with preemption of the last admitted sequence, block
-//! registration after each step and release at the end follow
-//! `tandem_engine::engine` exactly, so a simulated worker's prefix hits are the
+//! Batch planning (decodes first, then prefill chunks under the token budget)
+//! and block allocation with preemption of the last admitted sequence are the
+//! engine's own code (`tandem_engine::schedule`); admission, block registration
+//! after each step and release at the end follow `tandem_engine::engine`
+//! exactly, so a simulated worker's prefix hits are the
 //! engine's for the same requests (a test holds them to it). The cache is a
 //! `KvCache` whose layout has no layers: it keeps the bookkeeping (block pool,
 //! prefix map, LRU, events) and stores no values.
@@ -12,6 +13,7 @@
 use std::collections::VecDeque;
 
 use tandem_engine::kv_cache::{BlockId, KvCache, KvLayout};
+use tandem_engine::schedule::{self, Scheduled};
 use tandem_protocol::{BlockHash, BlockHasher, KvEvent};
 
 use super::timing::{StepShape, TimingModel};
@@ -302,59 +304,34 @@ impl SimWorker {
         }
     }
 
-    /// The engine's `preempt_last`.
-    fn preempt_last(&mut self) -> bool {
-        let Some(mut seq) = self.running.pop() else {
-            return false;
-        };
-        self.cache.release_all(&seq.blocks);
-        seq.blocks.clear();
-        seq.hashes.clear();
-        seq.computed = 0;
-        self.waiting.push_front(seq);
-        true
-    }
-
-    /// The engine's `plan`: decodes first, then prefill chunks, under the token budget.
+    /// The engine's plan: [`schedule::plan_step`].
     fn plan_batch(&mut self) -> Vec<(usize, usize)> {
-        let bs = self.config.block_size;
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| {
-            let s = &self.running[i];
-            (s.len - s.computed > 1, i)
-        });
-        let mut budget = self.config.max_batch_tokens;
-        let mut plan = Vec::new();
-        for i in order {
-            if budget == 0 {
-                break;
-            }
-            if i >= self.running.len() {
-                continue;
-            }
-            let take = (self.running[i].len - self.running[i].computed).min(budget);
-            let need = (self.running[i].computed + take).div_ceil(bs);
-            while self.running.get(i).is_some_and(|s| s.blocks.len() < need) {
-                match self.cache.allocate() {
-                    Some(b) => self.running[i].blocks.push(b),
-                    None => {
-                        if !self.preempt_last() {
-                            break;
-                        }
-                    }
-                }
-            }
-            if i < self.running.len() && self.running[i].blocks.len() >= need {
-                plan.push((i, take));
-                budget -= take;
-            }
-        }
-        plan.retain(|&(i, _)| i < self.running.len());
-        plan
+        schedule::plan_step(
+            &mut self.running,
+            &mut self.waiting,
+            &mut self.cache,
+            self.config.max_batch_tokens,
+        )
     }
 }
 
-/// The engine's `register_full_blocks`.
+impl Scheduled for Seq {
+    fn context_len(&self) -> usize {
+        self.len
+    }
+    fn computed(&self) -> usize {
+        self.computed
+    }
+    fn blocks_mut(&mut self) -> &mut Vec<BlockId> {
+        &mut self.blocks
+    }
+    fn reset_kv(&mut self) {
+        self.blocks.clear();
+        self.hashes.clear();
+        self.computed = 0;
+    }
+}
+
 fn register_full_blocks(cache: &mut KvCache, seq: &mut Seq, req: &SimRequest, bs: usize) {
     let mut tokens = Vec::new();
     while (seq.hashes.len() + 1) * bs <= seq.computed {
