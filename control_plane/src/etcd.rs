@@ -25,6 +25,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
+use crate::resume::{self, WatchSource};
 use crate::store::{
     Compare, Event, KeyValue, LeaseId, Revision, Store, StoreError, TxnOp, WatchStream,
 };
@@ -39,9 +40,6 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Batches a watch may have queued for its reader; a full queue holds the
 /// stream back (etcd buffers on its side) rather than dropping changes.
 const WATCH_QUEUE: usize = 1024;
-/// First and longest wait between reconnection attempts of a watch.
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// The largest answer accepted: a list of a big prefix, or a watch batch of
 /// many revisions (etcd batches up to 1000), can exceed tonic's 4 MiB default.
 const MAX_MESSAGE: usize = 256 << 20;
@@ -314,81 +312,30 @@ impl EtcdStore {
             }
         }
     }
+}
 
-    /// Forwards a watch's changes to its reader from revision `next` on,
-    /// reopening the watch (from the first revision not yet delivered)
-    /// whenever the connection is lost. Ends when the reader goes away, or
-    /// with an error when the watch cannot go on (the history it needs was
-    /// compacted).
-    async fn follow(
-        self,
-        prefix: String,
-        mut watch: EtcdWatch,
-        mut next: Revision,
-        tx: mpsc::Sender<Result<Vec<Event>, StoreError>>,
-    ) {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let message = tokio::select! {
-                () = tx.closed() => return,
-                message = watch.responses.message() => message,
-            };
-            let error = match message {
-                Ok(Some(resp)) if resp.canceled => cancelled(&resp, next),
-                Ok(Some(resp)) => match events_from_wire(resp.events) {
-                    Ok(events) => {
-                        // A reopened watch may repeat what was delivered; skip it.
-                        let events: Vec<Event> = events
-                            .into_iter()
-                            .filter(|e| e.revision() >= next)
-                            .collect();
-                        if let Some(last) = events.last() {
-                            next = last.revision() + 1;
-                            if tx.send(Ok(events)).await.is_err() {
-                                return;
-                            }
-                        }
-                        backoff = MIN_BACKOFF;
-                        continue;
-                    }
-                    Err(e) => e,
-                },
-                Ok(None) => StoreError::Unavailable("etcd ended the watch stream".into()),
-                Err(status) => from_status(&status, None),
-            };
-            match error {
-                // The reader must re-list: the error ends the stream.
-                StoreError::Compacted { .. } | StoreError::Invalid(_) => {
-                    let _ = tx.send(Err(error)).await;
-                    return;
-                }
-                _ => tracing::debug!(%error, next, prefix, "etcd watch interrupted; resuming"),
-            }
-            loop {
-                tokio::select! {
-                    () = tx.closed() => return,
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                match self.open_watch(&prefix, next).await {
-                    Ok(w) => {
-                        watch = w;
-                        break;
-                    }
-                    Err(e @ StoreError::Compacted { .. }) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    Err(error) => tracing::debug!(%error, next, prefix, "etcd watch not reopened"),
-                }
-            }
+impl WatchSource for EtcdStore {
+    type Stream = EtcdWatch;
+
+    async fn open(&self, prefix: &str, start: Revision) -> Result<EtcdWatch, StoreError> {
+        self.open_watch(prefix, start).await
+    }
+
+    async fn recv(watch: &mut EtcdWatch, next: Revision) -> Result<Vec<Event>, StoreError> {
+        match watch.responses.message().await {
+            Ok(Some(resp)) if resp.canceled => Err(cancelled(&resp, next)),
+            Ok(Some(resp)) => events_from_wire(resp.events),
+            Ok(None) => Err(StoreError::Unavailable(
+                "etcd ended the watch stream".into(),
+            )),
+            Err(status) => Err(from_status(&status, None)),
         }
     }
 }
 
 /// An open etcd watch: the request side is kept open for as long as the
 /// responses are read.
-struct EtcdWatch {
+pub(crate) struct EtcdWatch {
     _requests: mpsc::Sender<wire::WatchRequest>,
     responses: Streaming<wire::WatchResponse>,
 }
@@ -670,7 +617,13 @@ impl Store for EtcdStore {
         }
         // Compacted between the check and the watch: `follow` reports it.
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(self.clone().follow(prefix.to_owned(), watch, start, tx));
+        tokio::spawn(resume::follow(
+            self.clone(),
+            prefix.to_owned(),
+            watch,
+            start,
+            tx,
+        ));
         Ok(WatchStream::new(rx, start - 1))
     }
 

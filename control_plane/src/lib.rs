@@ -24,6 +24,7 @@ mod raft;
 mod reconcile;
 mod registration;
 mod remote;
+mod resume;
 mod service;
 mod state;
 mod store;

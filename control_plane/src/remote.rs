@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::resume::{self, WatchSource};
 use crate::service::{event_from_pb, kv_from_pb};
 use crate::store::{
     Compare, Event, KeyValue, LeaseId, Revision, Store, StoreError, TxnOp, WatchStream,
@@ -17,8 +18,6 @@ use crate::store::{
 
 /// Batches a remote watch may have queued for its reader.
 const WATCH_QUEUE: usize = 1024;
-/// Longest wait between reconnection attempts of a watch.
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A client of [`crate::serve`]. Connects lazily: it can be made while the store
 /// is down, calls fail with `Unavailable` until it is back, and watches reconnect
@@ -150,6 +149,24 @@ fn op_to_pb(op: TxnOp) -> pb::TxnOp {
     }
 }
 
+impl WatchSource for RemoteStore {
+    type Stream = tonic::Streaming<pb::WatchResponse>;
+
+    async fn open(&self, prefix: &str, start: Revision) -> Result<Self::Stream, StoreError> {
+        self.open_watch(prefix, start).await
+    }
+
+    /// A reopened stream starts with a header that repeats the current
+    /// revision and carries no changes.
+    async fn recv(stream: &mut Self::Stream, _next: Revision) -> Result<Vec<Event>, StoreError> {
+        match stream.message().await {
+            Ok(Some(resp)) => resp.events.into_iter().map(event_from_pb).collect(),
+            Ok(None) => Err(StoreError::Unavailable("watch stream ended".into())),
+            Err(status) => Err(from_status(status)),
+        }
+    }
+}
+
 impl Store for RemoteStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let r = self
@@ -224,69 +241,13 @@ impl Store for RemoteStore {
             .ok_or_else(|| StoreError::Unavailable("watch ended before it began".into()))?;
         let from = header.revision;
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        let store = self.clone();
-        let prefix = prefix.to_owned();
-        tokio::spawn(async move {
-            // The next revision the reader has not seen.
-            let mut next = from + 1;
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let error = match stream.message().await {
-                    Ok(Some(resp)) => {
-                        let events: Result<Vec<Event>, StoreError> =
-                            resp.events.into_iter().map(event_from_pb).collect();
-                        match events {
-                            Ok(events) => {
-                                // After a reconnect the header repeats; skip what was seen.
-                                let events: Vec<Event> = events
-                                    .into_iter()
-                                    .filter(|e| e.revision() >= next)
-                                    .collect();
-                                if let Some(last) = events.last() {
-                                    next = last.revision() + 1;
-                                    if tx.send(Ok(events)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                backoff = Duration::from_millis(50);
-                                continue;
-                            }
-                            Err(e) => e,
-                        }
-                    }
-                    Ok(None) => StoreError::Unavailable("watch stream ended".into()),
-                    Err(status) => from_status(status),
-                };
-                match error {
-                    // The history no longer reaches back far enough: the reader must
-                    // re-list, so the error ends the stream.
-                    StoreError::Compacted { .. } | StoreError::Invalid(_) => {
-                        let _ = tx.send(Err(error)).await;
-                        return;
-                    }
-                    _ => tracing::debug!(%error, next, "store watch interrupted; resuming"),
-                }
-                // Reconnect, resuming from `next`.
-                loop {
-                    if tx.is_closed() {
-                        return;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    match store.open_watch(&prefix, next).await {
-                        Ok(s) => {
-                            stream = s;
-                            break;
-                        }
-                        Err(e @ StoreError::Compacted { .. }) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                        Err(_) => continue,
-                    }
-                }
-            }
-        });
+        tokio::spawn(resume::follow(
+            self.clone(),
+            prefix.to_owned(),
+            stream,
+            from + 1,
+            tx,
+        ));
         Ok(WatchStream::new(rx, from))
     }
 
