@@ -49,7 +49,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::transport::Outgoing;
-use crate::wire::{self, Frame, FrameSource, StreamSource, TAG_END, TAG_PIECES};
+use crate::wire::{self, Frame, FrameHead, FrameSource, StreamSource, TAG_PIECES, read_frame_head};
 use crate::{
     KvReceiver, PieceBatch, Progress, Session, TransferDescriptor, TransferError, TransferMetrics,
     TransferReport, TransferWriter, Transport,
@@ -283,18 +283,15 @@ impl FrameSource for &mut LaneSource {
             .next(None)
             .await;
         };
-        let r = &mut self.reader;
-        let tag = match r.read_u8().await {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-        match tag {
-            TAG_PIECES => {
-                let layer = r.read_u32_le().await.map_err(|e| e.to_string())?;
-                let first_block = r.read_u32_le().await.map_err(|e| e.to_string())?;
-                let len = r.read_u64_le().await.map_err(|e| e.to_string())?;
-                let pos = r.read_u64_le().await.map_err(|e| e.to_string())?;
+        match read_frame_head(&mut self.reader).await? {
+            None => Ok(None),
+            Some(FrameHead::End { checksum }) => Ok(Some(Frame::End { checksum })),
+            Some(FrameHead::Pieces {
+                layer,
+                first_block,
+                len,
+            }) => {
+                let pos = self.reader.read_u64_le().await.map_err(|e| e.to_string())?;
                 let data = self.take(pos, len, desc.bytes()).await?;
                 Ok(Some(Frame::Pieces(PieceBatch {
                     layer,
@@ -302,11 +299,6 @@ impl FrameSource for &mut LaneSource {
                     data,
                 })))
             }
-            TAG_END => {
-                let checksum = r.read_u64_le().await.map_err(|e| e.to_string())?;
-                Ok(Some(Frame::End { checksum }))
-            }
-            t => Err(format!("unknown frame tag {t}")),
         }
     }
 }

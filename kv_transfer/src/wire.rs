@@ -70,16 +70,14 @@ impl<R: AsyncRead + Unpin + Send> FrameSource for StreamSource<R> {
             let d = serde_json::from_slice(&buf).map_err(|e| format!("descriptor: {e}"))?;
             return Ok(Some(Frame::Header(d)));
         };
-        let tag = match r.read_u8().await {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-        match tag {
-            TAG_PIECES => {
-                let layer = r.read_u32_le().await.map_err(|e| e.to_string())?;
-                let first_block = r.read_u32_le().await.map_err(|e| e.to_string())?;
-                let len = r.read_u64_le().await.map_err(|e| e.to_string())?;
+        match read_frame_head(r).await? {
+            None => Ok(None),
+            Some(FrameHead::End { checksum }) => Ok(Some(Frame::End { checksum })),
+            Some(FrameHead::Pieces {
+                layer,
+                first_block,
+                len,
+            }) => {
                 // Never allocate more than the whole transfer.
                 if len > desc.bytes() {
                     return Err(format!(
@@ -95,12 +93,43 @@ impl<R: AsyncRead + Unpin + Send> FrameSource for StreamSource<R> {
                     data,
                 })))
             }
-            TAG_END => {
-                let checksum = r.read_u64_le().await.map_err(|e| e.to_string())?;
-                Ok(Some(Frame::End { checksum }))
-            }
-            t => Err(format!("unknown frame tag {t}")),
         }
+    }
+}
+
+/// The fixed part of a frame after the header; a pieces frame's payload
+/// (or, on the shared-memory lane, its ring position) follows it.
+pub(crate) enum FrameHead {
+    Pieces {
+        layer: u32,
+        first_block: u32,
+        len: u64,
+    },
+    End {
+        checksum: u64,
+    },
+}
+
+/// Reads the next frame's tag and fixed fields; `None` at the end of the stream.
+pub(crate) async fn read_frame_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<FrameHead>, String> {
+    let tag = match r.read_u8().await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let field = |e: std::io::Error| e.to_string();
+    match tag {
+        TAG_PIECES => Ok(Some(FrameHead::Pieces {
+            layer: r.read_u32_le().await.map_err(field)?,
+            first_block: r.read_u32_le().await.map_err(field)?,
+            len: r.read_u64_le().await.map_err(field)?,
+        })),
+        TAG_END => Ok(Some(FrameHead::End {
+            checksum: r.read_u64_le().await.map_err(field)?,
+        })),
+        t => Err(format!("unknown frame tag {t}")),
     }
 }
 
