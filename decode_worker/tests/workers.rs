@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::Duration;
 
 use tandem_control_plane::{MemStore, Store, serve};
@@ -19,25 +20,39 @@ use tandem_protocol::grpc::worker::generate_response::Event;
 use tandem_protocol::grpc::worker::kv_event_message::Kind;
 use tandem_protocol::grpc::worker::worker_client::WorkerClient;
 use tandem_protocol::grpc::worker::{
-    GenerateRequest, KvEventsRequest, KvSnapshotRequest, LoadRequest, PrefillRequest,
-    PrefillTarget, Prefilled,
+    GenerateRequest, GenerateResponse, KvEventsRequest, KvSnapshotRequest, LoadRequest,
+    LoadResponse, PrefillRequest, PrefillTarget, Prefilled,
 };
 use tandem_protocol::{InstanceInfo, ModelCard, Role, WorkerState, keys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 const CLUSTER: &str = "wtest";
 const KV_BLOCKS: usize = 256;
 const OUT_TOKENS: u32 = 16;
 
+/// A worker started through its `run()`, with the signal that stops it.
 struct Node {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Node {
+    /// Spawns `run`, handing it the shutdown signal that `stop` sends.
+    fn start<F>(run: impl FnOnce(Shutdown) -> F) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, down) = shutdown();
+        Self {
+            stop: Some(stop),
+            task: tokio::spawn(run(down)),
+        }
+    }
+
     fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -53,11 +68,17 @@ impl Node {
     }
 }
 
-fn shutdown() -> (oneshot::Sender<()>, impl Future<Output = ()> + Send) {
+/// A shutdown signal, as the store and the workers take it.
+type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn shutdown() -> (oneshot::Sender<()>, Shutdown) {
     let (tx, rx) = oneshot::channel::<()>();
-    (tx, async move {
-        let _ = rx.await;
-    })
+    (
+        tx,
+        Box::pin(async move {
+            let _ = rx.await;
+        }),
+    )
 }
 
 fn identity_dir(ca: &ClusterCa, root: &Path, id: &str) -> PathBuf {
@@ -70,14 +91,83 @@ fn identity_dir(ca: &ClusterCa, root: &Path, id: &str) -> PathBuf {
     dir
 }
 
-fn common(store: &str, tls_dir: PathBuf, id: &str) -> CommonArgs {
-    let mut c = CommonArgs::new(store, tls_dir);
-    c.cluster = CLUSTER.into();
-    c.id = Some(id.into());
-    c.model = Some(test_model_path());
-    c.threads = Some(1);
-    c.kv_blocks = Some(KV_BLOCKS);
-    c
+/// The control-plane store served over gRPC on loopback, and a scratch
+/// directory for node identities issued by a fresh cluster CA.
+struct Cluster {
+    store: MemStore,
+    store_url: String,
+    ca: ClusterCa,
+    root: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Cluster {
+    async fn start(name: &str) -> Self {
+        let store = MemStore::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let store_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, down) = shutdown();
+        let task = tokio::spawn(serve(store.clone(), listener, down));
+        let root =
+            std::env::temp_dir().join(format!("tandem-workers-{name}-{}", std::process::id()));
+        let ca = ClusterCa::generate(&format!("tandem workers {name}")).expect("CA");
+        Self {
+            store,
+            store_url,
+            ca,
+            root,
+            stop,
+            task,
+        }
+    }
+
+    /// A directory holding a new identity for `id`.
+    fn identity(&self, id: &str) -> PathBuf {
+        identity_dir(&self.ca, &self.root, id)
+    }
+
+    /// A worker's arguments for this cluster, with an identity of its own.
+    fn common(&self, id: &str) -> CommonArgs {
+        let mut c = CommonArgs::new(&self.store_url, self.identity(id));
+        c.cluster = CLUSTER.into();
+        c.id = Some(id.into());
+        c.model = Some(test_model_path());
+        c.threads = Some(1);
+        c.kv_blocks = Some(KV_BLOCKS);
+        c
+    }
+
+    /// Every registration in the cluster.
+    async fn registrations(&self) -> Vec<InstanceInfo> {
+        let (kvs, _) = self
+            .store
+            .list(&keys::instances(CLUSTER))
+            .await
+            .expect("list");
+        kvs.iter()
+            .map(|kv| InstanceInfo::from_json(&kv.key, &kv.value).expect("registration"))
+            .collect()
+    }
+
+    /// Waits up to a minute for the registration under `key`, and returns it.
+    async fn registered(&self, key: &str, what: &str) -> InstanceInfo {
+        eventually(what, Duration::from_secs(60), || async {
+            self.store.get(key).await.expect("get").is_some()
+        })
+        .await;
+        let kv = self.store.get(key).await.expect("get").expect("registered");
+        InstanceInfo::from_json(&kv.key, &kv.value).expect("registration")
+    }
+
+    /// Stops the store and removes the scratch directory.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("store task").expect("store stops");
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
 }
 
 fn engine_config() -> EngineConfig {
@@ -142,8 +232,30 @@ fn request(id: &str, prompt: &[u32], prefill: Option<PrefillTarget>) -> Generate
     }
 }
 
+/// Starts a generation; returns its stream of events.
+async fn start_generate(
+    client: &mut WorkerClient<Channel>,
+    req: GenerateRequest,
+) -> Streaming<GenerateResponse> {
+    client.generate(req).await.expect("generate").into_inner()
+}
+
+/// Reads a generation's stream up to its first token.
+async fn first_token(stream: &mut Streaming<GenerateResponse>) {
+    loop {
+        let msg = stream
+            .message()
+            .await
+            .expect("stream")
+            .expect("a token before the stream ends");
+        if matches!(msg.event, Some(Event::Token(_))) {
+            return;
+        }
+    }
+}
+
 async fn generate(client: &mut WorkerClient<Channel>, req: GenerateRequest) -> Generated {
-    let mut stream = client.generate(req).await.expect("generate").into_inner();
+    let mut stream = start_generate(client, req).await;
     let mut prefilled = None;
     let mut tokens = Vec::new();
     while let Some(msg) = stream.message().await.expect("stream") {
@@ -195,13 +307,6 @@ async fn computed_tokens(http_addr: &str) -> u64 {
     counter(http_addr, "tandem_worker_computed_tokens_total").await
 }
 
-async fn registrations(store: &MemStore) -> Vec<InstanceInfo> {
-    let (kvs, _) = store.list(&keys::instances(CLUSTER)).await.expect("list");
-    kvs.iter()
-        .map(|kv| InstanceInfo::from_json(&kv.key, &kv.value).expect("registration"))
-        .collect()
-}
-
 async fn eventually<F: Future<Output = bool>>(
     what: &str,
     within: Duration,
@@ -214,6 +319,36 @@ async fn eventually<F: Future<Output = bool>>(
     }
 }
 
+/// Waits until a worker's load report satisfies `done`.
+async fn load_until(
+    client: &WorkerClient<Channel>,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&LoadResponse) -> bool,
+) {
+    eventually(what, within, || {
+        let mut client = client.clone();
+        let done = &done;
+        async move {
+            let load = client.load(LoadRequest {}).await.expect("load");
+            done(&load.into_inner())
+        }
+    })
+    .await;
+}
+
+/// Waits up to `within_s` seconds until a worker runs `n` sequences.
+async fn running_becomes(client: &WorkerClient<Channel>, n: u32, what: &str, within_s: u64) {
+    let within = Duration::from_secs(within_s);
+    load_until(client, what, within, |l| l.running == n).await;
+}
+
+/// Waits up to `within_s` seconds until a worker holds no KV blocks.
+async fn blocks_freed(client: &WorkerClient<Channel>, what: &str, within_s: u64) {
+    let within = Duration::from_secs(within_s);
+    load_until(client, what, within, |l| l.kv_blocks_used == 0).await;
+}
+
 fn dead_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr: SocketAddr = l.local_addr().expect("addr");
@@ -223,62 +358,35 @@ fn dead_addr() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_and_decode_workers_serve_a_cluster() {
-    // The store, served over gRPC on loopback.
-    let store = MemStore::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let store_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (store_stop, store_shutdown) = shutdown();
-    let store_task = tokio::spawn(serve(store.clone(), listener, store_shutdown));
+    let cluster = Cluster::start("test").await;
+    let client_tls = ClusterTls::load(&cluster.identity("test-client")).expect("client TLS");
 
-    // A cluster CA and an identity per node.
-    let root = std::env::temp_dir().join(format!("tandem-workers-test-{}", std::process::id()));
-    let ca = ClusterCa::generate("tandem worker test").expect("CA");
-    let prefill_dir = identity_dir(&ca, &root, "prefill-t");
-    let decode_dir = identity_dir(&ca, &root, "decode-t");
-    let client_tls =
-        ClusterTls::load(&identity_dir(&ca, &root, "test-client")).expect("client TLS");
-
-    let (stop, down) = shutdown();
     let prefill_args = PrefillArgs {
-        common: common(&store_url, prefill_dir, "prefill-t"),
+        common: cluster.common("prefill-t"),
     };
-    let prefill = Node {
-        stop: Some(stop),
-        task: tokio::spawn(tandem_prefill_worker::run(prefill_args, down)),
-    };
-    let (stop, down) = shutdown();
+    let prefill = Node::start(|down| tandem_prefill_worker::run(prefill_args, down));
     // Registered under an explicit host and checked by a certificate name
     // other than its id, as workers sharing one certificate are.
-    let mut decode_common = common(&store_url, decode_dir, "decode-t");
+    let mut decode_common = cluster.common("decode-t");
     decode_common.advertise_host = Some("127.0.0.1".into());
     decode_common.tls_name = Some("localhost".into());
     let mut decode_args = DecodeArgs::new(decode_common);
     // A same-host KV socket, which (b) takes away.
-    let kv_socket = root.join("decode-t.kv.sock");
+    let kv_socket = cluster.root.join("decode-t.kv.sock");
     decode_args.kv_socket = Some(kv_socket.clone());
-    let mut decode = Node {
-        stop: Some(stop),
-        task: tokio::spawn(tandem_decode_worker::run(decode_args, down)),
-    };
+    let mut decode = Node::start(|down| tandem_decode_worker::run(decode_args, down));
     // A decode worker whose transfers cannot meet their deadline.
-    let slow_dir = identity_dir(&ca, &root, "decode-slow");
-    let (stop, down) = shutdown();
-    let mut slow_args = DecodeArgs::new(common(&store_url, slow_dir, "decode-slow"));
+    let mut slow_args = DecodeArgs::new(cluster.common("decode-slow"));
     slow_args.transfer_deadline_ms = 1;
-    let mut slow = Node {
-        stop: Some(stop),
-        task: tokio::spawn(tandem_decode_worker::run(slow_args, down)),
-    };
+    let mut slow = Node::start(|down| tandem_decode_worker::run(slow_args, down));
     let reference_engine = Engine::load(test_model_path(), engine_config()).expect("load");
 
     // (a) Both register, with their roles and bound addresses, and the model card is there.
     eventually("every registration", Duration::from_secs(120), || async {
-        registrations(&store).await.len() == 3
+        cluster.registrations().await.len() == 3
     })
     .await;
-    let regs = registrations(&store).await;
+    let regs = cluster.registrations().await;
     let find = |id: &str| {
         regs.iter()
             .find(|r| r.id == id)
@@ -305,7 +413,8 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
             .as_deref()
             .is_some_and(|a| a.starts_with("127.0.0.1:"))
     );
-    let card_kv = store
+    let card_kv = cluster
+        .store
         .get(&keys::model(CLUSTER, "SmolLM2-135M-Instruct"))
         .await
         .expect("get")
@@ -334,7 +443,7 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     // A client without a cluster certificate is refused.
     let rogue = ClusterCa::generate("rogue").expect("CA");
-    let rogue_tls = ClusterTls::load(&identity_dir(&rogue, &root, "rogue")).expect("TLS");
+    let rogue_tls = ClusterTls::load(&identity_dir(&rogue, &cluster.root, "rogue")).expect("TLS");
     let mut outsider = rogue_tls.worker_client(&d.grpc_addr).expect("client");
     assert!(outsider.load(LoadRequest {}).await.is_err());
 
@@ -415,38 +524,8 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     assert_eq!(late.prefilled.mode, "local");
     assert!(!late.prefilled.fallback_reason.is_empty());
     assert_eq!(late.tokens, expected2);
-    eventually(
-        "the slow worker's blocks to be freed",
-        Duration::from_secs(5),
-        || {
-            let mut sc = sc.clone();
-            async move {
-                sc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .kv_blocks_used
-                    == 0
-            }
-        },
-    )
-    .await;
-    eventually(
-        "the abandoned prefill to stop",
-        Duration::from_secs(5),
-        || {
-            let mut pc = pc.clone();
-            async move {
-                pc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .running
-                    == 0
-            }
-        },
-    )
-    .await;
+    blocks_freed(&sc, "the slow worker's blocks to be freed", 5).await;
+    running_becomes(&pc, 0, "the abandoned prefill to stop", 5).await;
     // The prefill worker still serves the healthy decode worker.
     let prompt3 = chat_prompt(
         &reference_engine,
@@ -460,25 +539,11 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     slow.stopped().await;
 
     // `--echo` answers without the model: the last prompt token, max_tokens times.
-    let echo_dir = identity_dir(&ca, &root, "decode-echo");
-    let (stop, down) = shutdown();
-    let mut echo_args = DecodeArgs::new(common(&store_url, echo_dir, "decode-echo"));
+    let mut echo_args = DecodeArgs::new(cluster.common("decode-echo"));
     echo_args.echo = true;
-    let mut echo = Node {
-        stop: Some(stop),
-        task: tokio::spawn(tandem_decode_worker::run(echo_args, down)),
-    };
+    let mut echo = Node::start(|down| tandem_decode_worker::run(echo_args, down));
     let echo_key = keys::instance(CLUSTER, Role::Decode, "decode-echo");
-    eventually("the echo worker", Duration::from_secs(60), || async {
-        store.get(&echo_key).await.expect("get").is_some()
-    })
-    .await;
-    let kv = store
-        .get(&echo_key)
-        .await
-        .expect("get")
-        .expect("registered");
-    let ed = InstanceInfo::from_json(&kv.key, &kv.value).expect("registration");
+    let ed = cluster.registered(&echo_key, "the echo worker").await;
     let mut ec = client_tls.worker_client(&ed.grpc_addr).expect("client");
     let echoed = generate(&mut ec, request("e1", &prompt, None)).await;
     assert_eq!(
@@ -539,73 +604,20 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     // A client that goes away cancels its sequence.
     let mut long = request("c1", &prompt2, None);
     long.max_tokens = 400;
-    let mut stream = dc.generate(long).await.expect("generate").into_inner();
-    while let Some(msg) = stream.message().await.expect("stream") {
-        if matches!(msg.event, Some(Event::Token(_))) {
-            break;
-        }
-    }
+    let mut stream = start_generate(&mut dc, long).await;
+    first_token(&mut stream).await;
     drop(stream);
-    eventually(
-        "the cancelled sequence to stop",
-        Duration::from_secs(5),
-        || {
-            let mut dc = dc.clone();
-            async move {
-                dc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .running
-                    == 0
-            }
-        },
-    )
-    .await;
+    running_becomes(&dc, 0, "the cancelled sequence to stop", 5).await;
 
     // A client that goes away during a remote prefill cancels it on the
     // prefill worker too: it stops computing long before the prompt's end.
     let long_prompt: Vec<u32> = (0..3600u32).map(|i| 100 + (i * 7 + 3) % 5000).collect();
     let before = computed_tokens(&p.http_addr).await;
-    let stream = dc
-        .generate(request("c2", &long_prompt, Some(target.clone())))
-        .await
-        .expect("generate")
-        .into_inner();
-    eventually(
-        "the remote prefill to start",
-        Duration::from_secs(10),
-        || {
-            let mut pc = pc.clone();
-            async move {
-                pc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .running
-                    == 1
-            }
-        },
-    )
-    .await;
+    let stream = start_generate(&mut dc, request("c2", &long_prompt, Some(target.clone()))).await;
+    running_becomes(&pc, 1, "the remote prefill to start", 10).await;
     let at_drop = computed_tokens(&p.http_addr).await - before;
     drop(stream);
-    eventually(
-        "the prefill worker to stop",
-        Duration::from_secs(10),
-        || {
-            let mut pc = pc.clone();
-            async move {
-                pc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .running
-                    == 0
-            }
-        },
-    )
-    .await;
+    running_becomes(&pc, 0, "the prefill worker to stop", 10).await;
     let computed = computed_tokens(&p.http_addr).await - before;
     // The engine sees the cancel between steps of at most 512 tokens.
     assert!(
@@ -613,39 +625,15 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         "the prefill worker computed {computed} of {} tokens ({at_drop} when the client left)",
         long_prompt.len() - 1
     );
-    eventually(
-        "the decode worker's reserved blocks freed",
-        Duration::from_secs(15),
-        || {
-            let mut dc = dc.clone();
-            async move {
-                dc.load(LoadRequest {})
-                    .await
-                    .expect("load")
-                    .into_inner()
-                    .kv_blocks_used
-                    == 0
-            }
-        },
-    )
-    .await;
+    blocks_freed(&dc, "the decode worker's reserved blocks freed", 15).await;
 
     // (e) Shutdown drains: in-flight work finishes, new work is refused, the
     // registration goes, the worker stops.
     let mut last = request("d1", &prompt, None);
     last.max_tokens = 48;
-    let mut stream = dc.generate(last).await.expect("generate").into_inner();
-    let mut got = 0;
-    while got == 0 {
-        if let Some(Event::Token(_)) = stream
-            .message()
-            .await
-            .expect("stream")
-            .and_then(|m| m.event)
-        {
-            got += 1;
-        }
-    }
+    let mut stream = start_generate(&mut dc, last).await;
+    first_token(&mut stream).await;
+    let mut got = 1;
     decode.stop();
     eventually(
         "the decode worker to drain",
@@ -663,7 +651,8 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
         "the draining state in the store",
         Duration::from_secs(5),
         || async {
-            registrations(&store)
+            cluster
+                .registrations()
                 .await
                 .iter()
                 .any(|r| r.role == Role::Decode && r.state == WorkerState::Draining)
@@ -682,7 +671,7 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     assert_eq!(finished.map(|f| f.reason).as_deref(), Some("length"));
     assert_eq!(got, 48);
     decode.stopped().await;
-    let regs = registrations(&store).await;
+    let regs = cluster.registrations().await;
     assert!(
         regs.iter().all(|r| r.role != Role::Decode),
         "deregistered: {regs:?}"
@@ -691,32 +680,22 @@ async fn prefill_and_decode_workers_serve_a_cluster() {
     let mut prefill = prefill;
     prefill.stop();
     prefill.stopped().await;
-    assert!(registrations(&store).await.is_empty());
+    assert!(cluster.registrations().await.is_empty());
 
-    let _ = store_stop.send(());
-    store_task.await.expect("store task").expect("store stops");
-    let _ = std::fs::remove_dir_all(&root);
+    cluster.stop().await;
 }
 
 /// The real binary: registers, serves `/health`, and on SIGTERM drains,
 /// deregisters and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decode_binary_drains_and_deregisters_on_sigterm() {
-    let store = MemStore::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let store_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (store_stop, store_shutdown) = shutdown();
-    let store_task = tokio::spawn(serve(store.clone(), listener, store_shutdown));
-    let root = std::env::temp_dir().join(format!("tandem-workers-proc-{}", std::process::id()));
-    let ca = ClusterCa::generate("tandem process test").expect("CA");
-    let dir = identity_dir(&ca, &root, "decode-p");
+    let cluster = Cluster::start("proc").await;
+    let dir = cluster.identity("decode-p");
     let model = test_model_path();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem-decode"))
         .args([
             "--store",
-            &store_url,
+            &cluster.store_url,
             "--cluster",
             "wproc",
             "--id",
@@ -730,14 +709,7 @@ async fn the_decode_binary_drains_and_deregisters_on_sigterm() {
         .spawn()
         .expect("start tandem-decode");
     let key = keys::instance("wproc", Role::Decode, "decode-p");
-    eventually(
-        "the process to register",
-        Duration::from_secs(60),
-        || async { store.get(&key).await.expect("get").is_some() },
-    )
-    .await;
-    let kv = store.get(&key).await.expect("get").expect("registered");
-    let info = InstanceInfo::from_json(&kv.key, &kv.value).expect("registration");
+    let info = cluster.registered(&key, "the process to register").await;
     assert_eq!(http_get(&info.http_addr, "/health").await.0, 200);
 
     let pid = child.id().expect("pid").to_string();
@@ -753,11 +725,9 @@ async fn the_decode_binary_drains_and_deregisters_on_sigterm() {
         .expect("wait");
     assert!(status.success(), "exit status {status}");
     assert!(
-        store.get(&key).await.expect("get").is_none(),
+        cluster.store.get(&key).await.expect("get").is_none(),
         "deregistered"
     );
 
-    let _ = store_stop.send(());
-    store_task.await.expect("store task").expect("store stops");
-    let _ = std::fs::remove_dir_all(&root);
+    cluster.stop().await;
 }

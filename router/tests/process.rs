@@ -13,17 +13,72 @@ use support::*;
 use tandem_control_plane::Store;
 use tandem_protocol::{InstanceInfo, Role, WorkerState, keys};
 use tandem_router::Policy;
-use tandem_router::serve::DisaggMode;
+use tandem_router::serve::{DisaggMode, RouterArgs};
+
+/// A store with `workers` registered as serving decode workers, and a router
+/// over it, its arguments set by `configure`, that routes to all of them.
+async fn serve_decode_workers(
+    workers: &[&FakeWorker],
+    configure: impl FnOnce(&mut RouterArgs),
+) -> (TestStore, TestRouter) {
+    let store = TestStore::start().await;
+    for w in workers {
+        store.register(w, Role::Decode).await;
+    }
+    let mut a = args(&store);
+    configure(&mut a);
+    let router = TestRouter::start(a).await;
+    router.wait_for_decode_workers(workers.len() as u64).await;
+    (store, router)
+}
+
+/// Posts a streamed chat completion ("Hi", up to `max_tokens`) and checks
+/// that it is accepted.
+async fn stream_chat(router: &TestRouter, max_tokens: u32) -> reqwest::Response {
+    let r = router
+        .client
+        .post(format!("{}/v1/chat/completions", router.url))
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": max_tokens,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::OK);
+    r
+}
+
+/// GETs `path` from the router.
+async fn get(router: &TestRouter, path: &str) -> reqwest::Response {
+    router
+        .client
+        .get(format!("{}{path}", router.url))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// GETs `path` from the router; returns its JSON body.
+async fn get_json(router: &TestRouter, path: &str) -> Value {
+    get(router, path).await.json().await.expect("json")
+}
+
+/// Polls a metric until it is at least `at_least`; fails with `what` after 10 s.
+async fn metric_reaches(router: &TestRouter, name: &str, at_least: f64, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while router.metric(name).await < at_least {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_reaches_a_decode_worker_and_carries_its_tokens_and_usage() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Tokens(3)).await;
-    store.register(&d0, Role::Decode).await;
-    let mut a = args(&store);
-    a.id = Some("r-a".into());
-    let router = TestRouter::start(a).await;
-    router.wait_for_decode_workers(1).await;
+    let (store, router) = serve_decode_workers(&[&d0], |a| a.id = Some("r-a".into())).await;
 
     let (status, body) = router.chat("Hello there", 8).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -45,19 +100,7 @@ async fn a_request_reaches_a_decode_worker_and_carries_its_tokens_and_usage() {
     );
 
     // Streamed too: the same tokens as SSE chunks.
-    let r = router
-        .client
-        .post(format!("{}/v1/chat/completions", router.url))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 2,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), StatusCode::OK);
+    let r = stream_chat(&router, 2).await;
     let text = r.text().await.expect("body");
     assert!(
         text.contains("t0 ") && text.contains("t1 ") && text.ends_with("data: [DONE]\n\n"),
@@ -65,15 +108,7 @@ async fn a_request_reaches_a_decode_worker_and_carries_its_tokens_and_usage() {
     );
 
     // /v1/models lists the served model; /health and /metrics report.
-    let models: Value = router
-        .client
-        .get(format!("{}/v1/models", router.url))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let models = get_json(&router, "/v1/models").await;
     assert_eq!(models["data"][0]["id"], MODEL);
     assert_eq!(
         router
@@ -119,15 +154,9 @@ async fn a_request_reaches_a_decode_worker_and_carries_its_tokens_and_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_events_steer_a_shared_prefix_to_the_worker_that_holds_it() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Tokens(1)).await;
     let d1 = FakeWorker::start("d1", Script::Tokens(1)).await;
-    store.register(&d0, Role::Decode).await;
-    store.register(&d1, Role::Decode).await;
-    let mut a = args(&store);
-    a.policy = Policy::Kv;
-    let router = TestRouter::start(a).await;
-    router.wait_for_decode_workers(2).await;
+    let (_store, router) = serve_decode_workers(&[&d0, &d1], |a| a.policy = Policy::Kv).await;
     eventually("both workers followed", || {
         d0.subscribers() == 1 && d1.subscribers() == 1
     })
@@ -154,14 +183,13 @@ async fn kv_events_steer_a_shared_prefix_to_the_worker_that_holds_it() {
     holder.store_blocks_silently(&hashes[half..]);
     holder.store_blocks(&[tandem_protocol::BlockHash(7)]);
     let resyncs_before = router.metric("tandem_router_kv_resyncs_total").await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while router.metric("tandem_router_index_blocks").await < (hashes.len() + 1) as f64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "index never caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    metric_reaches(
+        &router,
+        "tandem_router_index_blocks",
+        (hashes.len() + 1) as f64,
+        "index never caught up",
+    )
+    .await;
     assert!(router.metric("tandem_router_kv_resyncs_total").await >= resyncs_before.max(3.0));
 
     let before_holder = holder.requests().len();
@@ -202,18 +230,13 @@ async fn disaggregation_always_names_the_prefill_worker_and_never_names_none() {
     a.disagg = DisaggMode::Always;
     let always = TestRouter::start(a).await;
     always.wait_for_decode_workers(1).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while always
-        .metric("tandem_router_workers{role=\"prefill\",state=\"serving\"}")
-        .await
-        < 1.0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "prefill worker never joined"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    metric_reaches(
+        &always,
+        "tandem_router_workers{role=\"prefill\",state=\"serving\"}",
+        1.0,
+        "prefill worker never joined",
+    )
+    .await;
     let (status, body) = always.chat("Hi", 1).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let target = d0.requests()[0].prefill.clone().expect("a prefill target");
@@ -268,15 +291,7 @@ async fn failures_before_the_first_token_are_retried_and_after_it_reported() {
     // The dead worker may already be suspect (its load poll fails): 2 or 3 count.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let h: Value = router
-            .client
-            .get(format!("{}/health", router.url))
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("json");
+        let h = get_json(&router, "/health").await;
         if h["decode_workers"].as_u64().unwrap_or(0) >= 2
             && h["models"].as_array().is_some_and(|m| !m.is_empty())
         {
@@ -312,19 +327,7 @@ async fn failures_before_the_first_token_are_retried_and_after_it_reported() {
     // After the first token there is no retry: the stream ends with an error event.
     good.set_script(Script::FailAfterFirst);
     bad.set_script(Script::FailAfterFirst);
-    let r = router
-        .client
-        .post(format!("{}/v1/chat/completions", router.url))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 4,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), StatusCode::OK);
+    let r = stream_chat(&router, 4).await;
     let text = r.text().await.expect("body");
     assert!(text.contains("t0 ") && text.contains("\"error\""), "{text}");
     assert!(text.contains("mid-generation"), "{text}");
@@ -339,15 +342,12 @@ async fn failures_before_the_first_token_are_retried_and_after_it_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deregistered_workers_leave_routing_and_none_left_is_a_503() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Tokens(1)).await;
     let d1 = FakeWorker::start("d1", Script::Tokens(1)).await;
-    let k0 = store.register(&d0, Role::Decode).await;
-    let k1 = store.register(&d1, Role::Decode).await;
-    let mut a = args(&store);
-    a.policy = Policy::RoundRobin;
-    let router = TestRouter::start(a).await;
-    router.wait_for_decode_workers(2).await;
+    let (store, router) =
+        serve_decode_workers(&[&d0, &d1], |a| a.policy = Policy::RoundRobin).await;
+    let k0 = keys::instance(CLUSTER, Role::Decode, &d0.id);
+    let k1 = keys::instance(CLUSTER, Role::Decode, &d1.id);
 
     store.deregister(&k0).await;
     router.wait_for_decode_workers(1).await;
@@ -372,12 +372,7 @@ async fn deregistered_workers_leave_routing_and_none_left_is_a_503() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 
     store.deregister(&k1).await;
-    let health = router
-        .client
-        .get(format!("{}/health", router.url))
-        .send()
-        .await
-        .expect("health");
+    let health = get(&router, "/health").await;
     assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
     let (status, body) = router.chat("Hi", 1).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -390,25 +385,10 @@ async fn deregistered_workers_leave_routing_and_none_left_is_a_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_cancels_the_workers_stream() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Slow(u32::MAX)).await;
-    store.register(&d0, Role::Decode).await;
-    let router = TestRouter::start(args(&store)).await;
-    router.wait_for_decode_workers(1).await;
+    let (_store, router) = serve_decode_workers(&[&d0], |_| {}).await;
 
-    let mut r = router
-        .client
-        .post(format!("{}/v1/chat/completions", router.url))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1000,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), StatusCode::OK);
+    let mut r = stream_chat(&router, 1000).await;
     let chunk = r.chunk().await.expect("a chunk").expect("data");
     assert!(!chunk.is_empty());
     assert_eq!(d0.cancelled.load(Ordering::SeqCst), 0);
@@ -417,46 +397,24 @@ async fn a_client_that_goes_away_cancels_the_workers_stream() {
         d0.cancelled.load(Ordering::SeqCst) == 1
     })
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while router
-        .metric("tandem_router_requests_total{outcome=\"cancelled\"}")
-        .await
-        < 1.0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "cancellation never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    metric_reaches(
+        &router,
+        "tandem_router_requests_total{outcome=\"cancelled\"}",
+        1.0,
+        "cancellation never counted",
+    )
+    .await;
     router.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_open_streams_finish_then_deregisters() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Slow(30)).await;
-    store.register(&d0, Role::Decode).await;
-    let mut a = args(&store);
-    a.id = Some("r-drain".into());
-    let router = TestRouter::start(a).await;
-    router.wait_for_decode_workers(1).await;
+    let (store, router) = serve_decode_workers(&[&d0], |a| a.id = Some("r-drain".into())).await;
     let key = keys::instance(CLUSTER, Role::Router, "r-drain");
     assert!(store.store.get(&key).await.expect("store").is_some());
 
-    let mut r = router
-        .client
-        .post(format!("{}/v1/chat/completions", router.url))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 64,
-            "stream": true,
-        }))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(r.status(), StatusCode::OK);
+    let mut r = stream_chat(&router, 64).await;
     let mut text = String::new();
     let chunk = r.chunk().await.expect("a chunk").expect("data");
     text.push_str(&String::from_utf8_lossy(&chunk));
@@ -562,13 +520,9 @@ async fn routing_goes_on_while_the_store_is_unreachable_and_catches_up_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_the_api_but_not_health_and_metrics() {
-    let store = TestStore::start().await;
     let d0 = FakeWorker::start("d0", Script::Tokens(1)).await;
-    store.register(&d0, Role::Decode).await;
-    let mut a = args(&store);
-    a.api_keys = vec!["sesame".into()];
-    let router = TestRouter::start(a).await;
-    router.wait_for_decode_workers(1).await;
+    let (_store, router) =
+        serve_decode_workers(&[&d0], |a| a.api_keys = vec!["sesame".into()]).await;
     let models = format!("{}/v1/models", router.url);
     let r = router.client.get(&models).send().await.expect("sent");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
