@@ -40,5 +40,5 @@ pub mod grpc {
 pub use block_hash::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE};
 pub use cluster::{InstanceInfo, ModelCard, Role, WorkerState, keys};
 pub use kv_event::{KvEvent, KvEventKind};
-pub use metrics::LatencyHistogram;
+pub use metrics::{LatencyHistogram, write_family, write_metric};
 pub use planner::{Desired, MAX_REPLICAS, PlannerDecision, PlannerTargets, unix_ms};

@@ -9,7 +9,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_engine::engine::LoadReport;
-use tandem_protocol::LatencyHistogram;
+use tandem_protocol::{LatencyHistogram, write_family, write_metric};
 
 /// Latency samples kept for the recent p50 that `Load` reports.
 const RECENT: usize = 512;
@@ -104,10 +104,7 @@ impl WorkerMetrics {
     pub fn render(&self, load: &LoadReport, draining: bool) -> String {
         let mut out = String::new();
         let mut metric = |kind: &str, name: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
+            write_metric(&mut out, kind, name, help, value)
         };
         let gauges = [
             (
@@ -192,9 +189,11 @@ impl WorkerMetrics {
             load.tokens_computed.to_string(),
         );
         let name = "tandem_worker_local_fallbacks_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Requested remote prefills done locally instead, by reason.\n# TYPE {name} counter"
+        write_family(
+            &mut out,
+            "counter",
+            name,
+            "Requested remote prefills done locally instead, by reason.",
         );
         for (reason, n) in self
             .fallbacks

@@ -3,6 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tandem_protocol::{write_family, write_metric};
+
 /// A latency histogram (the one every tandem process uses).
 pub(crate) type Histogram = tandem_protocol::LatencyHistogram;
 
@@ -82,9 +84,11 @@ impl Metrics {
     pub(crate) fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(8 << 10);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP tandem_router_requests_total Generation requests by outcome.\n# TYPE tandem_router_requests_total counter"
+        write_family(
+            &mut out,
+            "counter",
+            "tandem_router_requests_total",
+            "Generation requests by outcome.",
         );
         for (o, n) in Outcome::ALL.iter().zip(&self.outcomes) {
             let _ = writeln!(
@@ -109,9 +113,11 @@ impl Metrics {
             "tandem_router_request_duration_seconds",
             "Time from routing to the last event of a generation.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP tandem_router_routing_decisions_total Routing decisions by where the prompt is prefilled.\n# TYPE tandem_router_routing_decisions_total counter"
+        write_family(
+            &mut out,
+            "counter",
+            "tandem_router_routing_decisions_total",
+            "Routing decisions by where the prompt is prefilled.",
         );
         let _ = writeln!(
             out,
@@ -161,15 +167,13 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                load(v)
-            );
+            write_metric(&mut out, "counter", name, help, load(v));
         }
-        let _ = writeln!(
-            out,
-            "# HELP tandem_router_workers Known workers by role and state.\n# TYPE tandem_router_workers gauge"
+        write_family(
+            &mut out,
+            "gauge",
+            "tandem_router_workers",
+            "Known workers by role and state.",
         );
         for (role, state, n) in &gauges.workers {
             let _ = writeln!(
@@ -195,7 +199,7 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in gauges_list {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            write_metric(&mut out, "gauge", name, help, v);
         }
         out
     }
