@@ -14,97 +14,45 @@
 //!   stand), serving.
 //! - SIGTERM stops the whole cluster cleanly.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ops::Deref;
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use tandem::up::ClusterFile;
-use tandem_control_plane::{RemoteStore, Store};
-use tandem_protocol::{InstanceInfo, Role, WorkerState, keys};
+use tandem_protocol::{InstanceInfo, Role, WorkerState};
 
 mod common;
-use common::{free_port, model_path, signal};
+use common::up::{Up, process_pid};
+use common::{BIN, KillOnDrop, free_port, healthy, http_client, model_path, signal, tandem};
+use common::{alive, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
-/// A `tandem up` cluster in a temporary run directory, stopped on drop.
+/// A `tandem up` cluster (see [`Up`]) with an HTTP client for its APIs.
 struct Cluster {
-    up: Child,
-    dir: PathBuf,
-    file: ClusterFile,
+    up: Up,
     http: reqwest::blocking::Client,
+}
+
+impl Deref for Cluster {
+    type Target = Up;
+
+    fn deref(&self) -> &Up {
+        &self.up
+    }
 }
 
 impl Cluster {
     fn start(name: &str, args: &[&str]) -> Self {
-        // reqwest uses whichever rustls provider is installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("client");
-        let dir = std::env::temp_dir().join(format!("tandem-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        let port = free_port().to_string();
-        let up = Command::new(BIN)
-            .args([
-                "up",
-                "--model",
-                &model_path(),
-                "--port",
-                &port,
-                "--cluster",
-                name,
-            ])
-            .arg("--run-dir")
-            .arg(&dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("tandem up starts");
-        let mut cluster = Self {
-            up,
-            dir: dir.clone(),
-            file: ClusterFile {
-                cluster: String::new(),
-                api_url: String::new(),
-                store_url: String::new(),
-                tls_dir: PathBuf::new(),
-                admin_url: String::new(),
-                admin_token: String::new(),
-                pid: 0,
-                processes: Vec::new(),
-            },
-            http,
-        };
-        let path = dir.join("cluster.json");
-        let start = Instant::now();
-        loop {
-            if let Ok(file) = ClusterFile::read(&path) {
-                cluster.file = file;
-                return cluster;
-            }
-            if let Some(status) = cluster.up.try_wait().expect("try_wait") {
-                panic!("tandem up exited before the cluster came up: {status}");
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "the cluster did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        Self {
+            http: http_client(Duration::from_secs(120)),
+            up: Up::start(name, args, Duration::from_secs(180), false),
         }
     }
 
+    /// The pid of process `name`, from the cluster file as it was at the start.
     fn pid(&self, name: &str) -> u32 {
-        self.file
-            .processes
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no process {name}"))
-            .pid
+        process_pid(&self.file, name)
     }
 
     fn post(&self, base: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -128,32 +76,6 @@ impl Cluster {
         (r.status().as_u16(), r.text().expect("body"))
     }
 
-    /// Whether `url` answers 200 (false while nothing listens there).
-    fn ok(&self, url: &str) -> bool {
-        self.http
-            .get(url)
-            .send()
-            .is_ok_and(|r| r.status().is_success())
-    }
-
-    /// The registered instances, from the cluster's store.
-    fn instances(&self) -> Vec<InstanceInfo> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let store = RemoteStore::connect(&self.file.store_url).expect("store client");
-            let (kvs, _) = store
-                .list(&keys::instances(&self.file.cluster))
-                .await
-                .expect("list");
-            kvs.iter()
-                .map(|kv| InstanceInfo::from_json(&kv.key, &kv.value).expect("registration"))
-                .collect()
-        })
-    }
-
     fn instance(&self, name: &str) -> InstanceInfo {
         self.instances()
             .into_iter()
@@ -170,59 +92,13 @@ impl Cluster {
 
     /// Sends SIGTERM to `tandem up` and checks everything stopped cleanly.
     fn stop(mut self) {
-        signal(self.file.pid, libc::SIGTERM);
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = self.up.try_wait().expect("try_wait") {
-                break s;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "tandem up did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "tandem up exited with {status}");
-        for p in &self.file.processes {
-            assert!(
-                !alive(p.pid),
-                "{} (pid {}) outlived the cluster",
-                p.name,
-                p.pid
-            );
-        }
+        self.up.stop(Duration::from_secs(60));
+        self.up.assert_processes_stopped();
         assert!(
-            !self.dir.join("cluster.json").exists(),
+            !self.cluster_file_path().exists(),
             "the cluster file is removed"
         );
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.up.try_wait().ok().flatten().is_none() {
-            signal(self.up.id(), libc::SIGTERM);
-            let _ = self.up.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A child process killed if the test ends before it is stopped.
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still answers kill(0); /proc says whether it is really running.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
 }
 
 /// Every `tandem_*` metric name in `text` (histograms by their `_bucket`
@@ -256,40 +132,36 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// `tandem generate`'s greedy text for a chat message.
 fn generate_text(chat: &str, max_tokens: usize) -> String {
-    let out = Command::new(BIN)
-        .args([
-            "generate",
-            "--model",
-            &model_path(),
-            "--chat",
-            chat,
-            "--json",
-        ])
-        .args(["--max-tokens", &max_tokens.to_string(), "--threads", "1"])
-        .output()
-        .expect("tandem generate runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let out = tandem(&[
+        "generate",
+        "--model",
+        &model_path(),
+        "--chat",
+        chat,
+        "--json",
+        "--max-tokens",
+        &max_tokens.to_string(),
+        "--threads",
+        "1",
+    ]);
+    let v: Value = serde_json::from_str(&out).expect("JSON");
     v["text"].as_str().expect("text").to_owned()
+}
+
+/// A greedy chat completion request that generates all `max_tokens`.
+fn chat_request(user: &str, max_tokens: usize) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": user}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    })
 }
 
 /// Greedy completion through an API: (text, cached prompt tokens).
 fn chat(c: &Cluster, base: &str, user: &str, max_tokens: usize) -> (String, u64) {
-    let (status, v) = c.post(
-        base,
-        "/chat/completions",
-        &json!({
-            "model": MODEL,
-            "messages": [{"role": "user", "content": user}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "ignore_eos": true,
-        }),
-    );
+    let (status, v) = c.post(base, "/chat/completions", &chat_request(user, max_tokens));
     assert_eq!(status, 200, "{v}");
     let text = v["choices"][0]["message"]["content"]
         .as_str()
@@ -324,7 +196,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
 
     // A second router on the same store, never disaggregating: aggregated mode.
     let agg_port = free_port();
-    let mut agg_router = Stopped(
+    let agg_router = KillOnDrop(
         Command::new(BIN)
             .args([
                 "router",
@@ -341,14 +213,13 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
             .expect("second router starts"),
     );
     let agg = format!("http://127.0.0.1:{agg_port}/v1");
-    let start = Instant::now();
-    while !c.ok(&format!("http://127.0.0.1:{agg_port}/health")) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "router-agg is not healthy"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let agg_health = format!("http://127.0.0.1:{agg_port}/health");
+    wait_until(
+        "router-agg is healthy",
+        Duration::from_secs(30),
+        || healthy(&c.http, &agg_health),
+        String::new,
+    );
 
     eprintln!("cluster test: the first invariant");
     // The first invariant.
@@ -383,9 +254,8 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     // Prefix routing: a new question after a cached prefix lands where the
     // prefix is (the other decode worker holds nothing of it).
     let decode_requests = |c: &Cluster| -> Vec<(String, f64)> {
-        c.instances()
+        c.instances_of(Role::Decode)
             .into_iter()
-            .filter(|i| i.role == Role::Decode)
             .map(|i| {
                 (
                     i.id.clone(),
@@ -414,39 +284,23 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     // A prefill worker killed mid-request: the decode worker prefills locally.
     let long_user = format!("{} Summarize.", LONG_SYSTEM.repeat(20));
     let expected_long = generate_text(&long_user, 8);
-    let client = c.http.clone();
-    let api2 = api.clone();
-    let body = json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": long_user}],
-        "max_tokens": 8,
-        "temperature": 0,
-        "ignore_eos": true,
+    let body = chat_request(&long_user, 8);
+    let (status, v) = std::thread::scope(|s| {
+        let pending = s.spawn(|| c.post(&api, "/chat/completions", &body));
+        std::thread::sleep(Duration::from_millis(400));
+        signal(c.pid("prefill-0"), libc::SIGKILL);
+        pending.join().expect("request thread")
     });
-    let pending = std::thread::spawn(move || {
-        let r = client
-            .post(format!("{api2}/chat/completions"))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .expect("sent");
-        (r.status().as_u16(), r.text().expect("body"))
-    });
-    std::thread::sleep(Duration::from_millis(400));
-    signal(c.pid("prefill-0"), libc::SIGKILL);
-    let (status, text) = pending.join().expect("request thread");
-    assert_eq!(status, 200, "{text}");
+    assert_eq!(status, 200, "{v}");
     let fallbacks: f64 = c
-        .instances()
+        .instances_of(Role::Decode)
         .iter()
-        .filter(|i| i.role == Role::Decode)
         .map(|i| c.metric(&i.http_addr, "tandem_worker_local_fallbacks_total"))
         .sum();
     assert!(
         fallbacks >= 1.0,
         "the decode worker fell back to a local prefill"
     );
-    let v: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(
         v["choices"][0]["message"]["content"].as_str(),
         Some(expected_long.as_str()),
@@ -467,46 +321,22 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     );
     eprintln!("cluster test: the dead worker leaves the view");
     // Within the lease TTL the dead worker leaves the router's view.
-    let start = Instant::now();
-    loop {
-        let (_, health) = c.get(&format!("http://127.0.0.1:{agg_port}/health"));
-        let v: Value = serde_json::from_str(&health).unwrap_or(Value::Null);
-        // Its replacement may have registered meanwhile.
-        let decode = c
-            .instances()
-            .iter()
-            .filter(|i| i.role == Role::Decode)
-            .map(|i| i.id.clone())
-            .collect::<Vec<_>>();
-        let gone = !decode.contains(&holder);
-        if gone && v["decode_workers"].as_u64() == Some(decode.len() as u64) {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "{holder} still in view after 15 s: {health}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        &format!("{holder} leaves the view"),
+        Duration::from_secs(15),
+        || {
+            let (_, health) = c.get(&agg_health);
+            let v: Value = serde_json::from_str(&health).unwrap_or(Value::Null);
+            // Its replacement may have registered meanwhile.
+            let decode = c.ids_of(Role::Decode);
+            let gone = !decode.contains(&holder);
+            gone && v["decode_workers"].as_u64() == Some(decode.len() as u64)
+        },
+        || format!("router-agg's health: {}", c.get(&agg_health).1),
+    );
 
     eprintln!("cluster test: the admin API and tandem ctl");
-    let cluster_file = c.dir.join("cluster.json");
-    let ctl = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("ctl")
-            .arg("--cluster-file")
-            .arg(&cluster_file)
-            .args(args)
-            .output()
-            .expect("tandem ctl runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let listed: Value = serde_json::from_str(&ctl(&["workers", "--json"])).expect("JSON");
+    let listed: Value = serde_json::from_str(&c.ctl(&["workers", "--json"])).expect("JSON");
     let survivor = listed
         .as_array()
         .expect("workers")
@@ -518,7 +348,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     assert_ne!(survivor, holder);
     let (status, _) = c.get(&format!("{}/workers", c.file.admin_url));
     assert_eq!(status, 401, "the admin API wants its token");
-    let api_root = c.file.api_url.trim_end_matches("/v1");
+    let api_root = c.root();
     let (status, page) = c.get(&format!("{api_root}/dashboard"));
     assert_eq!(status, 200);
     assert!(
@@ -554,43 +384,35 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
         );
     }
 
-    ctl(&["drain", &survivor]);
+    c.ctl(&["drain", &survivor]);
     let pid = c.pid(&survivor);
-    let start = Instant::now();
-    while alive(pid) || c.instances().iter().any(|i| i.id == survivor) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{survivor} did not drain and leave"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        &format!("{survivor} drains and leaves"),
+        Duration::from_secs(30),
+        || !alive(pid) && !c.instances().iter().any(|i| i.id == survivor),
+        String::new,
+    );
 
     eprintln!("cluster test: workers that left are replaced");
     // The desired counts (1 prefill, 2 decode) still stand: the reconcile
     // loop starts a worker for each one killed or drained above.
     let gone = ["prefill-0", holder.as_str(), survivor.as_str()];
-    let start = Instant::now();
-    loop {
-        let serving = |role| {
-            c.instances()
-                .iter()
-                .filter(|i| i.role == role && i.state == WorkerState::Serving)
-                .filter(|i| !gone.contains(&i.id.as_str()))
-                .count()
-        };
-        if serving(Role::Prefill) == 1 && serving(Role::Decode) == 2 {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no replacements after 60 s: {:?}",
-            c.instances()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let serving = |role| {
+        c.instances()
+            .iter()
+            .filter(|i| i.role == role && i.state == WorkerState::Serving)
+            .filter(|i| !gone.contains(&i.id.as_str()))
+            .count()
+    };
+    wait_until(
+        "replacements serve (1 prefill, 2 decode)",
+        Duration::from_secs(60),
+        || serving(Role::Prefill) == 1 && serving(Role::Decode) == 2,
+        || format!("registered: {:?}", c.instances()),
+    );
     let (text, _) = chat(&c, &api, "Say hi to the new workers.", 4);
     assert!(!text.is_empty(), "the replaced cluster serves");
-    let log: Value = serde_json::from_str(&ctl(&["decisions", "--json"])).expect("JSON");
+    let log: Value = serde_json::from_str(&c.ctl(&["decisions", "--json"])).expect("JSON");
     let replaced = |role: &str| {
         log["decisions"].as_array().is_some_and(|ds| {
             ds.iter()
@@ -603,8 +425,7 @@ fn disaggregated_equals_aggregated_equals_generate_and_failures_are_survived() {
     );
 
     eprintln!("cluster test: stopping");
-    signal(agg_router.0.id(), libc::SIGTERM);
-    let status = agg_router.0.wait().expect("router-agg exits");
+    let status = agg_router.terminate(Duration::from_secs(60), "router-agg");
     assert!(status.success(), "router-agg stopped with {status}");
     c.stop();
 }

@@ -4,62 +4,36 @@
 //! the leader is stopped the other takes over; every process stops cleanly on
 //! SIGTERM.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_control_plane::{RemoteStore, Store};
 use tandem_protocol::{Desired, PlannerDecision, Role, keys};
 
 mod common;
-use common::free_port;
+use common::{BIN, KillOnDrop, free_port, fresh_temp_dir, stdout_of};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const CLUSTER: &str = "ctl-test";
 
-/// A child process, killed if the test ends early.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `tandem control args...`, writing to `log`.
+fn control(args: &[&str], log: &Path) -> KillOnDrop {
+    let out = std::fs::File::create(log).expect("log file");
+    KillOnDrop(
+        Command::new(BIN)
+            .arg("control")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("tandem control starts"),
+    )
 }
 
-impl Proc {
-    fn control(args: &[&str], log: &Path) -> Proc {
-        let out = std::fs::File::create(log).expect("log file");
-        Proc(
-            Command::new(BIN)
-                .arg("control")
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().expect("log"))
-                .stderr(out)
-                .spawn()
-                .expect("tandem control starts"),
-        )
-    }
-
-    /// SIGTERM, then the exit status within 20 s.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tandem control did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+/// SIGTERM, then the exit status within 20 s.
+fn terminate(p: KillOnDrop) -> std::process::ExitStatus {
+    p.terminate(Duration::from_secs(20), "tandem control")
 }
 
 async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
@@ -87,26 +61,20 @@ async fn leader(store: &RemoteStore) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planners_in_control_replicas_elect_one_leader_that_plans_and_hands_over() {
-    let dir: PathBuf = std::env::temp_dir().join(format!("tandem-control-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = fresh_temp_dir("control");
     let tls = dir.join("tls");
-    let out = Command::new(BIN)
-        .args(["tls", "init"])
-        .arg(&tls)
-        .args(["--name", "tandem-worker"])
-        .output()
-        .expect("tandem tls init");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(
+        Command::new(BIN)
+            .args(["tls", "init"])
+            .arg(&tls)
+            .args(["--name", "tandem-worker"]),
+        "tandem tls init",
     );
 
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let data = dir.join("store");
-    let host = Proc::control(
+    let host = control(
         &[
             "--listen",
             &listen,
@@ -118,7 +86,7 @@ async fn planners_in_control_replicas_elect_one_leader_that_plans_and_hands_over
     let url = format!("http://{listen}");
     let tls_dir = tls.to_str().expect("path");
     let planner = |name: &str| {
-        Proc::control(
+        control(
             &[
                 "--store",
                 &url,
@@ -180,7 +148,7 @@ async fn planners_in_control_replicas_elect_one_leader_that_plans_and_hands_over
     } else {
         (b.take(), "planner-a")
     };
-    let status = stopped.expect("the leader's process").terminate();
+    let status = terminate(stopped.expect("the leader's process"));
     assert!(status.success(), "the leader exited with {status}");
     eventually("the other planner takes over", || async {
         (leader(&store).await.as_deref() == Some(other)).then_some(())
@@ -188,10 +156,10 @@ async fn planners_in_control_replicas_elect_one_leader_that_plans_and_hands_over
     .await;
 
     for p in [a.take(), b.take()].into_iter().flatten() {
-        let status = p.terminate();
+        let status = terminate(p);
         assert!(status.success(), "a planner exited with {status}");
     }
-    let status = host.terminate();
+    let status = terminate(host);
     assert!(status.success(), "the store host exited with {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }

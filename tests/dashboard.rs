@@ -12,197 +12,59 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tandem::up::ClusterFile;
-use tandem_control_plane::{RemoteStore, Store};
-use tandem_protocol::{InstanceInfo, Role, keys};
+use tandem_protocol::Role;
 
 mod common;
-use common::{free_port, signal};
+use common::up::Up;
+use common::{free_port, fresh_temp_dir, healthy, http_client, wait_for, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tandem");
 const MODEL: &str = "SmolLM2-135M-Instruct";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The W3C WebDriver key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-/// Polls `f` every 200 ms until it returns `Some`, failing with `what` (and the
-/// last thing `last` says) after `limit`.
-fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    last: impl Fn() -> String,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > limit {
-            panic!("{what}: not within {limit:?}; {}", last());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+/// `tandem up` with one decode worker, once it serves (`/health` answers 200).
+fn start_cluster(http: &reqwest::blocking::Client) -> Up {
+    let up = Up::start(
+        "dashboard",
+        &["--prefill", "0", "--decode", "1", "--threads", "1"],
+        Duration::from_secs(30),
+        true,
+    );
+    let health = format!("{}/health", up.root());
+    wait_until(
+        "the cluster serves (/health 200)",
+        Duration::from_secs(30),
+        || healthy(http, &health),
+        || up.log(),
+    );
+    up
 }
 
-/// The last lines of `tandem up`'s log in its run directory.
-fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(30)..];
-    format!("tandem up's log ends:\n{}", tail.join("\n"))
-}
-
-/// `tandem up` in a temporary run directory, stopped on drop.
-struct Up {
-    child: Child,
-    dir: PathBuf,
-    file: ClusterFile,
-}
-
-impl Up {
-    fn start(http: &reqwest::blocking::Client) -> Self {
-        let dir = std::env::temp_dir().join(format!("tandem-dashboard-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("run dir");
-        let log = std::fs::File::create(dir.join("up.log")).expect("log file");
-        let model = tandem_engine::paths::test_model_path();
-        let child = Command::new(BIN)
-            .arg("up")
-            .arg("--model")
-            .arg(&model)
-            .args(["--port", &free_port().to_string()])
-            .args(["--cluster", "dashboard", "--prefill", "0", "--decode", "1"])
-            .args(["--threads", "1"])
-            .arg("--run-dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("tandem up starts");
-        let mut up = Self {
-            child,
-            dir: dir.clone(),
-            file: ClusterFile {
-                cluster: String::new(),
-                api_url: String::new(),
-                store_url: String::new(),
-                tls_dir: PathBuf::new(),
-                admin_url: String::new(),
-                admin_token: String::new(),
-                pid: 0,
-                processes: Vec::new(),
-            },
-        };
-        let path = dir.join("cluster.json");
-        let child = &mut up.child;
-        up.file = wait_for(
-            "tandem up writes cluster.json",
-            Duration::from_secs(30),
-            || {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("tandem up exited with {status}: {}", log_tail(&dir));
-                }
-                ClusterFile::read(&path).ok()
-            },
-            || log_tail(&dir),
-        );
-        let health = format!("{}/health", up.root());
-        wait_for(
-            "the cluster serves (/health 200)",
-            Duration::from_secs(30),
-            || {
-                http.get(&health)
-                    .send()
-                    .ok()
-                    .filter(|r| r.status().is_success())
-            },
-            || up.log(),
-        );
-        up
-    }
-
-    /// `http://127.0.0.1:PORT`, where the router serves the API, `/health` and `/dashboard`.
-    fn root(&self) -> String {
-        self.file.api_url.trim_end_matches("/v1").to_owned()
-    }
-
-    fn log(&self) -> String {
-        log_tail(&self.dir)
-    }
-
-    /// The ids of the decode workers registered in the store.
-    fn registered_decode(&self) -> Vec<String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let store = RemoteStore::connect(&self.file.store_url).expect("store client");
-            let (kvs, _) = store
-                .list(&keys::instances(&self.file.cluster))
-                .await
-                .expect("list");
-            kvs.iter()
-                .map(|kv| InstanceInfo::from_json(&kv.key, &kv.value).expect("registration"))
-                .filter(|i| i.role == Role::Decode)
-                .map(|i| i.id)
+/// The ids of the decode workers `/admin/workers` lists.
+fn admin_decode(up: &Up, http: &reqwest::blocking::Client) -> Vec<String> {
+    let Ok(r) = http
+        .get(format!("{}/workers", up.file.admin_url))
+        .bearer_auth(&up.file.admin_token)
+        .send()
+    else {
+        return Vec::new();
+    };
+    let v: Value = r
+        .text()
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    v["workers"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter(|w| w["role"] == "decode")
+                .filter_map(|w| w["id"].as_str().map(str::to_owned))
                 .collect()
         })
-    }
-
-    /// The ids of the decode workers `/admin/workers` lists.
-    fn admin_decode(&self, http: &reqwest::blocking::Client) -> Vec<String> {
-        let Ok(r) = http
-            .get(format!("{}/workers", self.file.admin_url))
-            .bearer_auth(&self.file.admin_token)
-            .send()
-        else {
-            return Vec::new();
-        };
-        let v: Value = r
-            .text()
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        v["workers"]
-            .as_array()
-            .map(|ws| {
-                ws.iter()
-                    .filter(|w| w["role"] == "decode")
-                    .filter_map(|w| w["id"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// SIGTERM, and `tandem up` exits cleanly with its workers.
-    fn stop(mut self) {
-        signal(self.child.id(), libc::SIGTERM);
-        let status = wait_for(
-            "tandem up stops on SIGTERM",
-            Duration::from_secs(20),
-            || self.child.try_wait().ok().flatten(),
-            String::new,
-        );
-        assert!(
-            status.success(),
-            "tandem up exited with {status}: {}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            signal(self.child.id(), libc::SIGTERM);
-            let _ = self.child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+        .unwrap_or_default()
 }
 
 /// chromedriver, killed on drop.
@@ -223,10 +85,7 @@ impl ChromeDriver {
             );
         }
         let port = free_port();
-        let profile =
-            std::env::temp_dir().join(format!("tandem-dashboard-chromium-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile).expect("profile dir");
+        let profile = fresh_temp_dir("dashboard-chromium");
         let log = std::fs::File::create(profile.join("chromedriver.log")).expect("log");
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
@@ -437,15 +296,10 @@ fn screenshot_path() -> PathBuf {
 #[test]
 fn the_dashboard_scales_decode_up_in_a_real_browser() {
     let started = Instant::now();
-    // reqwest uses whichever rustls provider is installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
+    let http = http_client(Duration::from_secs(30));
 
     let driver = ChromeDriver::start(&http);
-    let up = Up::start(&http);
+    let mut up = start_cluster(&http);
     eprintln!("dashboard test: cluster up after {:?}", started.elapsed());
 
     let browser = Browser::open(&http, &driver);
@@ -459,15 +313,10 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
 
     // A wrong token: the page says the router refused it and keeps the controls off.
     browser.go(&format!("{}/dashboard#token=not-the-token", up.root()));
-    wait_for(
+    wait_until(
         "the page reports the refused token",
         Duration::from_secs(10),
-        || {
-            admin_message()
-                .as_str()
-                .is_some_and(|m| m.contains("401"))
-                .then_some(())
-        },
+        || admin_message().as_str().is_some_and(|m| m.contains("401")),
         || format!("the page says {}", admin_message()),
     );
     assert_eq!(
@@ -493,7 +342,7 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
         json!(""),
         "the page takes the token out of the address bar"
     );
-    let registered = up.registered_decode();
+    let registered = up.ids_of(Role::Decode);
     assert_eq!(first, registered, "the page lists what the store holds");
 
     // Requests while the page watches, so that its charts and tiles show them.
@@ -544,8 +393,8 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
             "{shot}; page says {} (message: {}); admin API lists {:?}; store holds {:?}; {}",
             browser.js("return document.querySelector('[data-testid=scale-card]').innerText"),
             admin_message(),
-            up.admin_decode(&http),
-            up.registered_decode(),
+            admin_decode(&up, &http),
+            up.ids_of(Role::Decode),
             up.log()
         )
     };
@@ -555,14 +404,14 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
         || {
             let rows = browser.decode_rows();
             (rows.len() == 2
-                && up.registered_decode().len() == 2
-                && up.admin_decode(&http).len() == 2)
+                && up.ids_of(Role::Decode).len() == 2
+                && admin_decode(&up, &http).len() == 2)
                 .then_some(rows)
         },
         page_text,
     );
     assert!(rows.contains(&first[0]), "the first worker stays: {rows:?}");
-    wait_for(
+    wait_until(
         "the page shows 2 decode replicas desired and running",
         Duration::from_secs(10),
         || {
@@ -570,7 +419,7 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
                 "return [document.querySelector('[data-testid=scale-decode-desired]').textContent, \
                  document.querySelector('[data-testid=scale-decode-running]').textContent]",
             );
-            (v == json!(["2", "2"])).then_some(())
+            v == json!(["2", "2"])
         },
         page_text,
     );
@@ -623,6 +472,6 @@ fn the_dashboard_scales_decode_up_in_a_real_browser() {
 
     drop(browser);
     drop(driver);
-    up.stop();
+    up.stop(Duration::from_secs(20));
     eprintln!("dashboard test: done in {:?}", started.elapsed());
 }

@@ -1,27 +1,14 @@
 //! End-to-end: `tandem sim` replays a trace file and prints the documented JSON,
 //! and `tandem bench router` runs.
 
-use std::process::Command;
-
 use serde_json::Value;
 
-fn tandem(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .output()
-        .expect("run tandem");
-    assert!(
-        out.status.success(),
-        "tandem {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
+mod common;
+use common::{fresh_temp_dir, tandem};
 
 #[test]
 fn sim_replays_a_written_trace_as_json() {
-    let dir = std::env::temp_dir().join(format!("tandem-sim-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_temp_dir("sim");
     let trace = dir.join("docs.jsonl");
     let trace = trace.to_str().expect("UTF-8 path");
     tandem(&[
