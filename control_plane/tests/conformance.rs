@@ -7,8 +7,8 @@ use std::time::Duration;
 
 mod common;
 
-use common::{next, suite};
-use tandem_control_plane::{MemStore, RemoteStore, Store, StoreError, serve};
+use common::{next, serve_until_stopped, suite};
+use tandem_control_plane::{MemStore, RemoteStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -16,15 +16,7 @@ use tokio::sync::oneshot;
 async fn served(store: MemStore, port: u16) -> (u16, oneshot::Sender<()>) {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(store, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serve");
-    });
-    (port, stop)
+    (port, serve_until_stopped(store, listener))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,11 +10,11 @@ mod common;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{WAIT, next, suite};
+use common::{WAIT, next, scratch_dir, suite};
 use tandem_control_plane::{AnyStore, EtcdStore, EtcdTls, Event, Store, StoreError};
 use tandem_kv_transfer::tls::ClusterCa;
 use tokio::task::AbortHandle;
@@ -70,19 +70,8 @@ impl Etcd {
             "{ETCD} not found: these tests need a real etcd server; install the Debian \
              package `etcd-server` (apt-get install etcd-server)"
         );
-        static NEXT: AtomicU32 = AtomicU32::new(0);
         // tmpfs when there is one: etcd fsyncs every write.
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!(
-            "tandem-etcd-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = scratch_dir("tandem-etcd");
         std::fs::create_dir_all(&dir).expect("etcd's directory");
         let mut etcd = Etcd {
             child: None,
@@ -426,43 +415,25 @@ async fn etcd_campaign_elects_one_leader_per_lease() {
         .await
         .expect("grant");
     let key = "/planner/leader";
-    assert!(
+    // Whether `value` under `lease` holds the key after campaigning for it.
+    let wins = async |value: &[u8], lease| {
         store
-            .campaign(key, b"a".to_vec(), a)
+            .campaign(key, value.to_vec(), lease)
             .await
             .expect("campaign")
-    );
-    assert!(
-        !store
-            .campaign(key, b"b".to_vec(), b)
-            .await
-            .expect("campaign")
-    );
+    };
+    assert!(wins(b"a", a).await);
+    assert!(!wins(b"b", b).await);
     // Campaigning again under the same lease keeps the lead.
-    assert!(
-        store
-            .campaign(key, b"a".to_vec(), a)
-            .await
-            .expect("campaign")
-    );
+    assert!(wins(b"a", a).await);
     let leader = store.get(key).await.expect("get").expect("present");
     assert_eq!((leader.value.as_slice(), leader.lease), (&b"a"[..], a));
 
     let mut w = store.watch(key, None).await.expect("watch");
     store.lease_revoke(a).await.expect("revoke");
     assert!(matches!(next(&mut w).await, Event::Delete { .. }));
-    assert!(
-        store
-            .campaign(key, b"b".to_vec(), b)
-            .await
-            .expect("campaign")
-    );
-    assert!(
-        !store
-            .campaign(key, b"a".to_vec(), a)
-            .await
-            .expect("campaign")
-    );
+    assert!(wins(b"b", b).await);
+    assert!(!wins(b"a", a).await);
     // A claim needs a live lease.
     store.lease_revoke(b).await.expect("revoke");
     assert_eq!(

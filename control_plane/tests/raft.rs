@@ -7,15 +7,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{WAIT, next, suite};
-use tandem_control_plane::{
-    Compare, EmbeddedConfig, EmbeddedStore, Event, RemoteStore, Store, StoreError, TxnOp, serve,
-};
+use common::{WAIT, next, scratch_dir, serve_until_stopped, suite, try_increment};
+use tandem_control_plane::{EmbeddedConfig, EmbeddedStore, Event, RemoteStore, Store, StoreError};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
@@ -25,19 +23,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!(
-            "tandem-raft-{name}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        TempDir(dir)
+        TempDir(scratch_dir(&format!("tandem-raft-{name}")))
     }
 
     fn node(&self, id: u64) -> PathBuf {
@@ -55,15 +41,7 @@ impl Drop for TempDir {
 async fn served(store: EmbeddedStore) -> (String, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(store, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("serve");
-    });
-    (url, stop)
+    (url, serve_until_stopped(store, listener))
 }
 
 /// A group of three nodes with their client APIs served.
@@ -410,24 +388,7 @@ async fn compare_and_swap_is_atomic_across_nodes() {
             tokio::spawn(async move {
                 let mut swaps = 0;
                 while swaps < 10 {
-                    let kv = s.get("/cas/n").await.expect("get").expect("present");
-                    let n: u64 = String::from_utf8_lossy(&kv.value).parse().expect("number");
-                    let swapped = s
-                        .txn(
-                            vec![Compare {
-                                key: kv.key.clone(),
-                                mod_revision: kv.mod_revision,
-                            }],
-                            vec![TxnOp::Put {
-                                key: kv.key,
-                                value: (n + 1).to_string().into_bytes(),
-                                lease: None,
-                            }],
-                            vec![],
-                        )
-                        .await
-                        .expect("txn");
-                    swaps += usize::from(swapped);
+                    swaps += usize::from(try_increment(&s, "/cas/n").await);
                 }
             })
         })

@@ -55,6 +55,26 @@ fn output_ids(g: &Generation) -> Vec<u32> {
     g.tokens.iter().map(|t| t.id).collect()
 }
 
+/// Each prompt's `n` greedy tokens, generated one prompt at a time.
+fn one_at_a_time(e: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .map(|p| output_ids(&greedy(e, p, n)))
+        .collect()
+}
+
+/// Each prompt's `n` greedy tokens, all prompts submitted before any finishes.
+fn all_at_once(e: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(Request::new(p.clone(), n)).expect("submit"))
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| output_ids(&h.wait().expect("generation")))
+        .collect()
+}
+
 /// Greedy output follows llama.cpp's: identical tokens up to a point where
 /// llama.cpp's own top-2 are within 0.1 (a near tie), and the chosen token's
 /// log-probability close to llama.cpp's wherever both chose the same token:
@@ -135,25 +155,12 @@ fn chat_prompts() -> Vec<Vec<u32>> {
 #[test]
 fn batching_does_not_change_greedy_output() {
     let prompts = chat_prompts();
-    let alone: Vec<Vec<u32>> = {
-        let e = engine(small());
-        prompts
-            .iter()
-            .map(|p| output_ids(&greedy(&e, p, 24)))
-            .collect()
-    };
+    let alone = one_at_a_time(&engine(small()), &prompts, 24);
     let e = engine(EngineConfig {
         max_batch_tokens: 20,
         ..small()
     });
-    let handles: Vec<_> = prompts
-        .iter()
-        .map(|p| e.submit(Request::new(p.clone(), 24)).expect("submit"))
-        .collect();
-    let together: Vec<Vec<u32>> = handles
-        .into_iter()
-        .map(|h| output_ids(&h.wait().expect("generation")))
-        .collect();
+    let together = all_at_once(&e, &prompts, 24);
     assert_eq!(alone, together);
 }
 
@@ -161,25 +168,13 @@ fn batching_does_not_change_greedy_output() {
 #[test]
 fn preemption_does_not_change_greedy_output() {
     let prompts = chat_prompts();
-    let big = engine(small());
-    let alone: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| output_ids(&greedy(&big, p, 40)))
-        .collect();
-    drop(big);
+    let alone = one_at_a_time(&engine(small()), &prompts, 40);
     // Each sequence needs 5-6 blocks of 16 by its end; 10 blocks cannot hold three.
     let e = engine(EngineConfig {
         kv_cache_tokens: 160,
         ..EngineConfig::default()
     });
-    let handles: Vec<_> = prompts
-        .iter()
-        .map(|p| e.submit(Request::new(p.clone(), 40)).expect("submit"))
-        .collect();
-    let together: Vec<Vec<u32>> = handles
-        .into_iter()
-        .map(|h| output_ids(&h.wait().expect("generation")))
-        .collect();
+    let together = all_at_once(&e, &prompts, 40);
     assert_eq!(alone, together);
 }
 

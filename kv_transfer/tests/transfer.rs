@@ -162,20 +162,39 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// The decode node listening at `addr`, as a sender dials it.
+fn decode_peer(addr: SocketAddr) -> QuicPeer {
+    QuicPeer {
+        addr,
+        server_name: "decode-0".into(),
+    }
+}
+
+/// A receiver (counting into its own metrics) behind a QUIC listener on a
+/// loopback port with the cluster's decode identity; the listener serves while
+/// held, and the peer is what senders dial.
+fn quic_receiver(c: &Cluster) -> (Arc<KvReceiver>, QuicListener, QuicPeer) {
+    let receiver = KvReceiver::new(Arc::new(TransferMetrics::default()));
+    let listener = QuicListener::bind(loopback(), &c.receiver_id, receiver.clone()).expect("bind");
+    let peer = decode_peer(listener.local_addr().expect("addr"));
+    (receiver, listener, peer)
+}
+
+/// Waits until `metrics` counts at least `pieces` received.
+async fn wait_pieces_received(metrics: &TransferMetrics, pieces: u64) {
+    while metrics.snapshot().pieces_received < pieces {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_transfer_with_cached_prefix_decodes_like_the_prefill_engine() {
     let (a, b) = (engine(48), engine(48));
     let c = cluster();
-    let rx_metrics = Arc::new(TransferMetrics::default());
-    let receiver = KvReceiver::new(rx_metrics.clone());
-    let listener = QuicListener::bind(loopback(), &c.receiver_id, receiver.clone()).expect("bind");
+    let (receiver, _listener, peer) = quic_receiver(&c);
     let tx_metrics = Arc::new(TransferMetrics::default());
     let transport =
         QuicTransport::new(loopback(), &c.sender_id, tx_metrics.clone()).expect("client");
-    let peer = QuicPeer {
-        addr: listener.local_addr().expect("addr"),
-        server_name: "decode-0".into(),
-    };
     // The decode engine holds the prompt's first blocks already: only the rest moves.
     let bs = b.kv_layout().block_size;
     let warm = Request::new(prompt(&b)[..2 * bs + 3].to_vec(), 1);
@@ -184,13 +203,14 @@ async fn quic_transfer_with_cached_prefix_decodes_like_the_prefill_engine() {
 
     let session = transport.connect(&peer).await.expect("connect");
     disaggregated(&a, &b, &receiver, &session).await;
-    let m = rx_metrics.snapshot();
+    let m = receiver.metrics().snapshot();
     assert_eq!(m.transfers_received, 1);
     let blocks = prompt(&a).len().div_ceil(bs) as u64;
     assert_eq!(m.blocks_received, blocks - 2, "cached blocks are not sent");
     assert_eq!(tx_metrics.snapshot().bytes_sent, m.bytes_received);
     assert!(
-        rx_metrics
+        receiver
+            .metrics()
             .render_prometheus()
             .contains("tandem_kv_transfer_received_bytes_total")
     );
@@ -224,6 +244,21 @@ fn synthetic(desc: &TransferDescriptor, seed: u64) -> (Vec<PieceBatch>, u64) {
         })
         .collect();
     (batches, sum)
+}
+
+/// Opens a transfer of `desc` on a new session of `transport` with `peer`.
+async fn open_new<T: Transport>(
+    transport: &T,
+    peer: &T::Peer,
+    desc: &TransferDescriptor,
+) -> <T::Session as Session>::Writer {
+    transport
+        .connect(peer)
+        .await
+        .expect("connect")
+        .open(desc)
+        .await
+        .expect("open")
 }
 
 /// Sends `batches` then finishes; the first error on the way.
@@ -340,13 +375,7 @@ async fn still_serving<S: Session>(
 async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let b = engine(64);
     let c = cluster();
-    let metrics = Arc::new(TransferMetrics::default());
-    let receiver = KvReceiver::new(metrics.clone());
-    let listener = QuicListener::bind(loopback(), &c.receiver_id, receiver.clone()).expect("bind");
-    let peer = QuicPeer {
-        addr: listener.local_addr().expect("addr"),
-        server_name: "decode-0".into(),
-    };
+    let (receiver, _listener, peer) = quic_receiver(&c);
     let sender = Arc::new(TransferMetrics::default());
     let transport = QuicTransport::new(loopback(), &c.sender_id, sender).expect("client");
     let session = transport.connect(&peer).await.expect("connect");
@@ -359,16 +388,14 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
     let other = QuicTransport::new(loopback(), &c.sender_id, Arc::default()).expect("client");
     let doomed = other.connect(&peer).await.expect("connect");
     let mut w = doomed.open(&desc).await.expect("open");
-    let before = metrics.snapshot().pieces_received;
+    let before = receiver.metrics().snapshot().pieces_received;
     for batch in batches.into_iter().take(5) {
         w.send(batch).await.expect("send");
     }
     // Drop the connection once the pieces have landed (closing earlier would
     // discard them unsent, and the receiver would only see a missed deadline).
     let landed = (5 * desc.blocks.len()) as u64;
-    while metrics.snapshot().pieces_received < before + landed {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_pieces_received(receiver.metrics(), before + landed).await;
     doomed.close();
     let e = pending.wait().await.expect_err("disconnect");
     assert!(matches!(e, TransferError::PeerDisconnected { .. }), "{e}");
@@ -395,7 +422,7 @@ async fn faults_fail_cleanly_free_blocks_and_the_receiver_keeps_serving() {
         matches!(e, TransferError::DeadlineExceeded { received: 0, .. }),
         "{e}"
     );
-    assert!(metrics.snapshot().handshake_failures >= 1);
+    assert!(receiver.metrics().snapshot().handshake_failures >= 1);
     let outsider = rogue_ca.issue(&["prefill-8"]).expect("cert");
     let wary = QuicTransport::new(loopback(), &outsider, Arc::default()).expect("client");
     let e = wary.connect(&peer).await.expect_err("untrusted server");
@@ -415,48 +442,23 @@ const CHILD_ENV: &str = "TANDEM_KVT_CHILD_SENDER";
 async fn sender_killed_mid_transfer_is_a_disconnect() {
     let b = engine(64);
     let c = cluster();
-    let metrics = Arc::new(TransferMetrics::default());
-    let receiver = KvReceiver::new(metrics.clone());
-    let listener = QuicListener::bind(loopback(), &c.receiver_id, receiver.clone()).expect("bind");
+    let (receiver, _listener, peer) = quic_receiver(&c);
     let dir = std::env::temp_dir().join(format!("tandem-kvt-child-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let files = c.sender_id.write_files(&dir).expect("identity files");
 
     let (desc, pending) = expect(&b, &receiver, tokens(64, 7), DEADLINE);
     let spec = serde_json::json!({
-        "addr": listener.local_addr().expect("addr").to_string(),
+        "addr": peer.addr.to_string(),
         "ca": files.ca, "cert": files.cert, "key": files.key,
         "desc": desc,
     });
-    let mut child = half_sending_child(spec).await;
-    // Its writes are out of the process once they have landed here.
-    let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
-    while metrics.snapshot().pieces_received < half {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    child.kill().await.expect("kill the sender");
-
-    let e = pending.wait().await.expect_err("disconnect");
-    assert!(
-        matches!(e, TransferError::PeerDisconnected { received, expected, .. } if received > 0 && received < expected),
-        "{e}"
-    );
-    wait_blocks_used(&b, 0).await;
+    kill_sender_half_way(&b, &receiver, spec, &desc, pending).await;
     let _ = std::fs::remove_dir_all(&dir);
 
     let (desc, pending) = expect(&b, &receiver, tokens(64, 8), DEADLINE);
     let transport = QuicTransport::new(loopback(), &c.sender_id, Arc::default()).expect("client");
-    let peer = QuicPeer {
-        addr: listener.local_addr().expect("addr"),
-        server_name: "decode-0".into(),
-    };
-    let w = transport
-        .connect(&peer)
-        .await
-        .expect("connect")
-        .open(&desc)
-        .await
-        .expect("open");
+    let w = open_new(&transport, &peer, &desc).await;
     send_all(w, synthetic(&desc, 8).0, None)
         .await
         .expect("sent");
@@ -477,13 +479,7 @@ fn child_sender_process() {
     if let Some(socket) = spec["socket"].as_str() {
         rt.block_on(async {
             let t = ShmTransport::new(Arc::default());
-            let w = t
-                .connect(std::path::Path::new(socket))
-                .await
-                .expect("connect")
-                .open(&desc)
-                .await
-                .expect("open");
+            let w = open_new(&t, std::path::Path::new(socket), &desc).await;
             send_half_then_wait(w, &desc).await;
         });
         return;
@@ -498,17 +494,7 @@ fn child_sender_process() {
         };
         let identity = NodeIdentity::from_files(&files).expect("identity from files");
         let t = QuicTransport::new(loopback(), &identity, Arc::default()).expect("client");
-        let peer = QuicPeer {
-            addr,
-            server_name: "decode-0".into(),
-        };
-        let w = t
-            .connect(&peer)
-            .await
-            .expect("connect")
-            .open(&desc)
-            .await
-            .expect("open");
+        let w = open_new(&t, &decode_peer(addr), &desc).await;
         send_half_then_wait(w, &desc).await;
     });
 }
@@ -565,6 +551,32 @@ async fn half_sending_child(spec: serde_json::Value) -> tokio::process::Child {
     }
 }
 
+/// Runs a sender process on `spec` (see `half_sending_child`), kills it once
+/// half of `desc`'s pieces have landed in `receiver`, and expects `pending` to
+/// fail as a disconnect part-way, freeing `b`'s blocks.
+async fn kill_sender_half_way(
+    b: &Engine,
+    receiver: &KvReceiver,
+    spec: serde_json::Value,
+    desc: &TransferDescriptor,
+    pending: PendingTransfer<KvReservation>,
+) {
+    let metrics = receiver.metrics();
+    let before = metrics.snapshot().pieces_received;
+    let mut child = half_sending_child(spec).await;
+    // Its writes are out of the process once they have landed here.
+    let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
+    wait_pieces_received(metrics, before + half).await;
+    child.kill().await.expect("kill the sender");
+
+    let e = pending.wait().await.expect_err("disconnect");
+    assert!(
+        matches!(e, TransferError::PeerDisconnected { received, expected, .. } if received > 0 && received < expected),
+        "{e}"
+    );
+    wait_blocks_used(b, 0).await;
+}
+
 /// The same-host path between processes: a real prefill's KV through shared
 /// memory decodes like the prefill engine; a 2,048-token transfer laps the
 /// ring several times; lanes are reused and no ring file is left behind; and
@@ -606,22 +618,8 @@ async fn shm_transfers_between_processes_and_survive_faults() {
 
     // A sender process killed mid-transfer: a disconnect.
     let (desc, pending) = expect(&b, &receiver, tokens(64, 5), DEADLINE);
-    let before = metrics.snapshot().pieces_received;
-    let mut child = half_sending_child(serde_json::json!({
-        "socket": socket, "desc": desc,
-    }))
-    .await;
-    let half = (desc.layout.n_layers / 2 * desc.blocks.len()) as u64;
-    while metrics.snapshot().pieces_received < before + half {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    child.kill().await.expect("kill the sender");
-    let e = pending.wait().await.expect_err("disconnect");
-    assert!(
-        matches!(e, TransferError::PeerDisconnected { received, expected, .. } if received > 0 && received < expected),
-        "{e}"
-    );
-    wait_blocks_used(&b, 0).await;
+    let spec = serde_json::json!({ "socket": socket, "desc": desc });
+    kill_sender_half_way(&b, &receiver, spec, &desc, pending).await;
 
     // A lane that names a file outside the shared-memory directory is refused.
     {

@@ -54,14 +54,18 @@ impl TestServer {
         self.generator.engine()
     }
 
-    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let r = self
-            .client
+    /// Posts `body` as JSON to `path`.
+    async fn send_post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
             .post(format!("{}{path}", self.url))
             .json(body)
             .send()
             .await
-            .expect("request sent");
+            .expect("request sent")
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let r = self.send_post(path, body).await;
         let status = r.status();
         let text = r.text().await.expect("body");
         let value = serde_json::from_str(&text)
@@ -71,13 +75,7 @@ impl TestServer {
 
     /// Posts a streaming request and returns its `data:` payloads, `[DONE]` included.
     async fn post_stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent");
+        let r = self.send_post(path, body).await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["content-type"], "text/event-stream");
         let text = r.text().await.expect("body");
@@ -89,6 +87,16 @@ fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|event| event.strip_prefix("data: "))
         .map(str::to_string)
+        .collect()
+}
+
+/// A stream's chunks as JSON, after checking that `[DONE]` ends it.
+#[track_caller]
+fn stream_chunks(events: &[String]) -> Vec<Value> {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
         .collect()
 }
 
@@ -194,11 +202,7 @@ async fn completions_agree_with_the_engine_streamed_or_not() {
             &chat_body(json!({"stream": true, "stream_options": {"include_usage": true}})),
         )
         .await;
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
-        .collect();
+    let chunks = stream_chunks(&events);
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed: String = chunks
@@ -279,11 +283,9 @@ async fn completions_agree_with_the_engine_streamed_or_not() {
     let mut streamed_body = body.clone();
     streamed_body["stream"] = json!(true);
     let events = server.post_stream("/v1/completions", &streamed_body).await;
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let streamed: String = events[..events.len() - 1]
+    let streamed: String = stream_chunks(&events)
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).expect("chunk is JSON"))
-        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .filter_map(|c| c["choices"][0]["text"].as_str())
         .collect();
     assert_eq!(streamed, text);
 
@@ -303,11 +305,9 @@ async fn completions_agree_with_the_engine_streamed_or_not() {
     let events = server
         .post_stream("/v1/chat/completions", &streamed_sampled)
         .await;
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let mut texts = [String::new(), String::new()];
     let mut finishes = [Value::Null, Value::Null];
-    for e in &events[..events.len() - 1] {
-        let chunk: Value = serde_json::from_str(e).expect("chunk is JSON");
+    for chunk in stream_chunks(&events) {
         let choice = &chunk["choices"][0];
         let i = choice["index"].as_u64().expect("index") as usize;
         texts[i].push_str(choice["delta"]["content"].as_str().unwrap_or(""));
@@ -419,15 +419,9 @@ async fn bad_requests_get_openai_errors_and_leave_others_alone() {
 
     // The good request finished normally, with the text it has when alone.
     let events = good.await.expect("good request");
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let streamed: String = events[..events.len() - 1]
+    let streamed: String = stream_chunks(&events)
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).expect("chunk is JSON"))
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     let alone = engine_greedy(server.engine(), chat_ids(server.engine(), QUESTION), 32).await;
     assert_eq!(streamed, alone);
@@ -441,63 +435,43 @@ async fn keys_overload_and_disconnects() {
         ..ApiConfig::default()
     })
     .await;
-    let url = |p: &str| format!("{}{p}", server.url);
+    let get = |path: &str| server.client.get(format!("{}{path}", server.url));
+    // A chat completion with the valid key.
+    let chat = |body: &Value| {
+        server
+            .client
+            .post(format!("{}/v1/chat/completions", server.url))
+            .bearer_auth("sk-tandem-test")
+            .json(body)
+    };
 
-    let r = server
-        .client
-        .get(url("/v1/models"))
-        .send()
-        .await
-        .expect("sent");
+    let r = get("/v1/models").send().await.expect("sent");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["type"], "authentication_error");
-    let r = server
-        .client
-        .get(url("/v1/models"))
+    let r = get("/v1/models")
         .bearer_auth("sk-wrong")
         .send()
         .await
         .expect("sent");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = server
-        .client
-        .get(url("/v1/models"))
+    let r = get("/v1/models")
         .bearer_auth("sk-tandem-test")
         .send()
         .await
         .expect("sent");
     assert_eq!(r.status(), StatusCode::OK);
-    let r = server
-        .client
-        .get(url("/health"))
-        .send()
-        .await
-        .expect("sent");
+    let r = get("/health").send().await.expect("sent");
     assert_eq!(r.status(), StatusCode::OK);
 
     // A long stream takes the only slot.
     let long = chat_body(json!({"stream": true, "max_tokens": 8000, "ignore_eos": true}));
-    let mut stream = server
-        .client
-        .post(url("/v1/chat/completions"))
-        .bearer_auth("sk-tandem-test")
-        .json(&long)
-        .send()
-        .await
-        .expect("sent");
+    let mut stream = chat(&long).send().await.expect("sent");
     assert_eq!(stream.status(), StatusCode::OK);
     let first = stream.chunk().await.expect("reads").expect("a first event");
     assert!(first.starts_with(b"data: "));
 
-    let r = server
-        .client
-        .post(url("/v1/chat/completions"))
-        .bearer_auth("sk-tandem-test")
-        .json(&chat_body(json!({})))
-        .send()
-        .await
-        .expect("sent");
+    let r = chat(&chat_body(json!({}))).send().await.expect("sent");
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.headers()["retry-after"], "1");
     let e: Value = r.json().await.expect("json");
@@ -510,21 +484,13 @@ async fn keys_overload_and_disconnects() {
 
     // So does one that gives up waiting for a whole answer.
     let whole = chat_body(json!({"max_tokens": 8000, "ignore_eos": true}));
-    let gave_up = server
-        .client
-        .post(url("/v1/chat/completions"))
-        .bearer_auth("sk-tandem-test")
-        .json(&whole)
+    let gave_up = chat(&whole)
         .timeout(Duration::from_millis(500))
         .send()
         .await;
     assert!(gave_up.is_err_and(|e| e.is_timeout()));
     wait_for_load(server.engine(), |l| l.running == 0 && l.waiting == 0).await;
-    let r = server
-        .client
-        .post(url("/v1/chat/completions"))
-        .bearer_auth("sk-tandem-test")
-        .json(&chat_body(json!({"max_tokens": 4})))
+    let r = chat(&chat_body(json!({"max_tokens": 4})))
         .send()
         .await
         .expect("sent");

@@ -1,11 +1,15 @@
 //! The conformance suite every `Store` must pass, shared by the test binaries
 //! that run it against each implementation (`conformance.rs`: the in-memory
 //! and the gRPC-served store; `etcd.rs`: a real etcd; `raft.rs`: the Raft store
-//! with one node and with three).
+//! with one node and with three), and the helpers those binaries share.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tandem_control_plane::{Compare, Event, Store, StoreError, TxnOp, WatchStream};
+use tandem_control_plane::{Compare, Event, Served, Store, StoreError, TxnOp, WatchStream, serve};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::time::timeout;
 
 /// How long a test waits for a change it expects.
@@ -17,6 +21,60 @@ pub async fn next(w: &mut WatchStream) -> Event {
         .await
         .expect("a change within 5 s")
         .expect("watch open")
+}
+
+/// A fresh directory path `{prefix}-{pid}-{n}`, nothing left in it: on tmpfs
+/// when there is one (the stores fsync every write), else in the temp dir.
+#[allow(dead_code, reason = "etcd.rs and raft.rs only")]
+pub fn scratch_dir(prefix: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Serves `store`'s client API on `listener` until the sender fires or drops.
+#[allow(dead_code, reason = "conformance.rs and raft.rs only")]
+pub fn serve_until_stopped(store: impl Served, listener: TcpListener) -> oneshot::Sender<()> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        serve(store, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("serve");
+    });
+    stop
+}
+
+/// One compare-and-swap increment of the number at `key`: whether it won
+/// (false: another writer changed it first).
+pub async fn try_increment(s: &impl Store, key: &str) -> bool {
+    let kv = s.get(key).await.expect("get").expect("present");
+    let n: u64 = String::from_utf8_lossy(&kv.value).parse().expect("number");
+    s.txn(
+        vec![Compare {
+            key: kv.key.clone(),
+            mod_revision: kv.mod_revision,
+        }],
+        vec![TxnOp::Put {
+            key: kv.key,
+            value: (n + 1).to_string().into_bytes(),
+            lease: None,
+        }],
+        vec![],
+    )
+    .await
+    .expect("txn")
 }
 
 async fn keys_and_revisions(s: &impl Store) {
@@ -112,28 +170,8 @@ async fn compare_and_swap_is_atomic(s: &(impl Store + Clone)) {
             let s = s.clone();
             tokio::spawn(async move {
                 for _ in 0..15 {
-                    loop {
-                        let kv = s.get("/c/counter").await.expect("get").expect("present");
-                        let n: u64 = String::from_utf8_lossy(&kv.value).parse().expect("number");
-                        let swapped = s
-                            .txn(
-                                vec![Compare {
-                                    key: kv.key.clone(),
-                                    mod_revision: kv.mod_revision,
-                                }],
-                                vec![TxnOp::Put {
-                                    key: kv.key,
-                                    value: (n + 1).to_string().into_bytes(),
-                                    lease: None,
-                                }],
-                                vec![],
-                            )
-                            .await
-                            .expect("txn");
-                        if swapped {
-                            break;
-                        }
-                    }
+                    // Retried until this writer's increment wins.
+                    while !try_increment(&s, "/c/counter").await {}
                 }
             })
         })
