@@ -340,13 +340,7 @@ impl Inner {
                 }
                 Some(TokenEvent::Finished { reason, usage }) => {
                     guard.disarm();
-                    metrics.requests.fetch_add(1, Ordering::Relaxed);
-                    metrics
-                        .prompt_tokens
-                        .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-                    metrics
-                        .generated_tokens
-                        .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+                    metrics.served(usage.prompt_tokens, usage.completion_tokens);
                     let _ = tx
                         .send(event(Event::Finished(finished_message(
                             reason.as_str(),
@@ -571,13 +565,7 @@ impl Inner {
             completion_tokens: req.max_tokens as usize,
             cached_tokens: 0,
         };
-        metrics.requests.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .prompt_tokens
-            .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-        metrics
-            .generated_tokens
-            .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+        metrics.served(usage.prompt_tokens, usage.completion_tokens);
         let _ = tx
             .send(event(Event::Finished(finished_message("length", usage))))
             .await;

@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -153,7 +152,7 @@ impl RoleService for PrefillService {
             0 => DEFAULT_DEADLINE,
             ms => Duration::from_millis(ms.into()),
         };
-        let prompt_tokens = req.tokens.len() as u64;
+        let prompt_tokens = req.tokens.len();
         let work = async {
             let writer = self.open(&endpoint, &desc).await.map_err(transfer_status)?;
             let (tx, rx) = mpsc::unbounded_channel();
@@ -186,9 +185,7 @@ impl RoleService for PrefillService {
             .inspect_err(|e| {
                 tracing::warn!(request = %req.request_id, error = %e, "prefill failed");
             })?;
-        let m = &self.worker.metrics;
-        m.requests.fetch_add(1, Ordering::Relaxed);
-        m.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+        self.worker.metrics.served(prompt_tokens, 0);
         tracing::debug!(
             request = %req.request_id, bytes = response.bytes, cached = response.cached_tokens,
             "prefill sent"

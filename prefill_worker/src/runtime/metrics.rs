@@ -79,6 +79,14 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Counts a request served to its end, with its prompt and generated tokens.
+    pub fn served(&self, prompt_tokens: usize, generated_tokens: usize) {
+        self.requests.fetch_add(1, Relaxed);
+        self.prompt_tokens.fetch_add(prompt_tokens as u64, Relaxed);
+        self.generated_tokens
+            .fetch_add(generated_tokens as u64, Relaxed);
+    }
+
     /// Counts a requested remote prefill that fell back to local, by reason.
     pub fn local_fallback(&self, reason: &'static str) {
         *self
