@@ -142,6 +142,11 @@ impl TransferMetrics {
             s.bytes_received.to_string(),
         );
         counter(
+            "tandem_kv_transfer_received_pieces_total",
+            "Block-layer pieces received into reserved blocks.",
+            s.pieces_received.to_string(),
+        );
+        counter(
             "tandem_kv_transfer_received_blocks_total",
             "KV blocks received by completed transfers.",
             s.blocks_received.to_string(),
