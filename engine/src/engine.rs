@@ -1290,24 +1290,18 @@ impl Core {
                 continue;
             }
             let hashes = self.cache.hasher().hash_prefix(&seq.tokens);
-            // At least the last token is always computed, to get its logits.
-            let reusable = (seq.tokens.len() - 1) / bs;
-            let mut blocks = self
-                .cache
-                .acquire_prefix(&hashes[..reusable.min(hashes.len())]);
+            let Some(mut blocks) =
+                schedule::admit_prefix(&mut self.cache, &hashes, seq.tokens.len())
+            else {
+                self.waiting.push_front(seq);
+                break;
+            };
             let import = seq
                 .request
                 .imported_kv
                 .as_ref()
                 .map(|kv| kv.tokens.len().div_ceil(bs));
             let import_blocks = import.unwrap_or(0).saturating_sub(blocks.len());
-            // Blocks for the rest of the context and the first generated token.
-            let needed = (seq.tokens.len() + 1).div_ceil(bs) - blocks.len();
-            if self.cache.num_free() < needed {
-                self.release_blocks(&blocks);
-                self.waiting.push_front(seq);
-                break;
-            }
             let acquired = blocks.len();
             let mut computed = acquired * bs;
             seq.cached_tokens = computed;

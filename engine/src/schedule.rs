@@ -5,6 +5,8 @@
 
 use std::collections::VecDeque;
 
+use tandem_protocol::BlockHash;
+
 use crate::kv_cache::{BlockId, KvCache};
 
 /// What the planner sees of a sequence.
@@ -18,6 +20,22 @@ pub trait Scheduled {
     /// Forgets the sequence's K/V after its blocks went back to the cache: it
     /// is computed again from its next admission.
     fn reset_kv(&mut self);
+}
+
+/// The cached leading blocks for a sequence of `len` tokens whose full
+/// blocks hash to `hashes`, when the cache can also hold the rest of it and
+/// its first generated token; `None`, holding nothing, when it cannot. The
+/// last token is never taken from the cache: it is computed for its logits.
+pub fn admit_prefix(cache: &mut KvCache, hashes: &[BlockHash], len: usize) -> Option<Vec<BlockId>> {
+    let bs = cache.layout().block_size;
+    let reusable = (len - 1) / bs;
+    let blocks = cache.acquire_prefix(&hashes[..reusable.min(hashes.len())]);
+    let needed = (len + 1).div_ceil(bs) - blocks.len();
+    if cache.num_free() < needed {
+        cache.release_all(&blocks);
+        return None;
+    }
+    Some(blocks)
 }
 
 /// Returns the running sequence admitted last to the front of the queue,

@@ -1,9 +1,10 @@
 //! A simulated worker: the engine's scheduler, step for step, over the engine's own
 //! KV cache bookkeeping, with a timing model in place of the forward pass.
 //!
-//! Batch planning (decodes first, then prefill chunks under the token budget)
-//! and block allocation with preemption of the last admitted sequence are the
-//! engine's own code (`tandem_engine::schedule`); admission, block registration
+//! Taking a prompt's cached prefix at admission, batch planning (decodes
+//! first, then prefill chunks under the token budget) and block allocation
+//! with preemption of the last admitted sequence are the engine's own code
+//! (`tandem_engine::schedule`); the rest of admission, block registration
 //! after each step and release at the end follow `tandem_engine::engine`
 //! exactly, so a simulated worker's prefix hits are the
 //! engine's for the same requests (a test holds them to it). The cache is a
@@ -281,17 +282,10 @@ impl SimWorker {
                 owned = self.full_block_hashes(req, seq.len);
                 &owned
             };
-            // At least the last token is always computed, to get its logits.
-            let reusable = (seq.len - 1) / bs;
-            let blocks = self
-                .cache
-                .acquire_prefix(&hashes[..reusable.min(hashes.len())]);
-            let needed = (seq.len + 1).div_ceil(bs) - blocks.len();
-            if self.cache.num_free() < needed {
-                self.cache.release_all(&blocks);
+            let Some(blocks) = schedule::admit_prefix(&mut self.cache, hashes, seq.len) else {
                 self.waiting.push_front(seq);
                 break;
-            }
+            };
             let acquired = blocks.len();
             seq.cached_tokens = acquired * bs;
             seq.computed = acquired * bs;
