@@ -1,7 +1,8 @@
-//! The batch planner: which running sequences compute how many tokens in the
+//! The scheduler's block decisions: what a sequence takes from the prefix
+//! cache at admission, which running sequences compute how many tokens in the
 //! next step, and which give their blocks back when the cache runs out. The
-//! engine's scheduler and the router's simulated workers both run it, so a
-//! simulated worker batches and preempts exactly as the engine does.
+//! engine's scheduler and the router's simulated workers both run this code,
+//! so a simulated worker admits, batches and preempts as the engine does.
 
 use std::collections::VecDeque;
 
