@@ -99,10 +99,11 @@ pub trait Backend: Send {
         Ok(logits.par_chunks(vocab).map(greedy_pick).collect())
     }
 
-    /// Appends the bytes of one block-layer piece to `out`.
-    fn read_kv_piece(
+    /// Appends `layer`'s piece of each of `blocks`, in order, to `out` (a GPU
+    /// backend gathers them in one copy).
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError>;
@@ -116,6 +117,48 @@ pub trait Backend: Send {
         layer: usize,
         data: &[u8],
     ) -> Result<(), BackendError>;
+}
+
+/// Every layer's piece of `blocks`, in the exported layout (block after
+/// block, each block's pieces in layer order), read a layer at a time.
+pub(crate) fn read_blocks(
+    backend: &dyn Backend,
+    blocks: &[BlockId],
+) -> Result<Vec<u8>, BackendError> {
+    let layout = backend.kv_layout();
+    let (pb, bb) = (layout.piece_bytes(), layout.block_bytes());
+    let mut data = vec![0; blocks.len() * bb];
+    let mut pieces = Vec::with_capacity(blocks.len() * pb);
+    for layer in 0..layout.n_layers {
+        pieces.clear();
+        backend.read_kv_pieces(blocks, layer, &mut pieces)?;
+        check_pieces(blocks, &pieces, pb)?;
+        for (block, piece) in data.chunks_exact_mut(bb).zip(pieces.chunks_exact(pb)) {
+            block[layer * pb..][..pb].copy_from_slice(piece);
+        }
+    }
+    Ok(data)
+}
+
+/// Writes `data`, whole blocks in the exported layout, into `blocks`, a
+/// layer at a time.
+pub(crate) fn write_blocks(
+    backend: &mut dyn Backend,
+    blocks: &[BlockId],
+    data: &[u8],
+) -> Result<(), BackendError> {
+    let layout = backend.kv_layout();
+    let (pb, bb) = (layout.piece_bytes(), layout.block_bytes());
+    check_pieces(blocks, data, bb)?;
+    let mut pieces = Vec::with_capacity(blocks.len() * pb);
+    for layer in 0..layout.n_layers {
+        pieces.clear();
+        for block in data.chunks_exact(bb) {
+            pieces.extend_from_slice(&block[layer * pb..][..pb]);
+        }
+        backend.write_kv_pieces(blocks, layer, &pieces)?;
+    }
+    Ok(())
 }
 
 /// Checks that `data` holds one piece of `piece_bytes` for each of `blocks`.
@@ -183,13 +226,13 @@ impl Backend for CpuBackend {
             }))
     }
 
-    fn read_kv_piece(
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        KvRead::read_kv_pieces(&self.pool, &[block], layer, out)
+        KvRead::read_kv_pieces(&self.pool, blocks, layer, out)
     }
 
     fn write_kv_pieces(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tandem_protocol::{BlockHash, BlockHasher, DEFAULT_BLOCK_SIZE, KvEvent};
 use tokio::sync::{broadcast, mpsc as tmpsc, watch};
 
-use crate::backend::{Backend, BackendError, CpuBackend, KvRead, LayerHook};
+use crate::backend::{self, Backend, BackendError, CpuBackend, KvRead, LayerHook};
 use crate::chat_template::ChatTemplate;
 use crate::device::{Device, DeviceError};
 use crate::gguf::GgufFile;
@@ -1131,15 +1131,10 @@ impl Core {
                 let result = match self.retained.remove(&id) {
                     None => Err(EngineError::UnknownRequest(id)),
                     Some(r) => {
-                        let mut data =
-                            Vec::with_capacity(r.blocks.len() * self.shared.layout.block_bytes());
-                        let read = r.blocks.iter().try_for_each(|&b| {
-                            (0..self.shared.layout.n_layers)
-                                .try_for_each(|l| self.backend.read_kv_piece(b, l, &mut data))
-                        });
+                        let read = backend::read_blocks(self.backend.as_ref(), &r.blocks);
                         self.release_blocks(&r.blocks);
                         match read {
-                            Ok(()) => Ok(SequenceKv {
+                            Ok(data) => Ok(SequenceKv {
                                 layout: self.shared.layout,
                                 tokens: r.tokens,
                                 data,
@@ -1311,15 +1306,9 @@ impl Core {
                     self.waiting.push_front(seq);
                     break;
                 };
-                let layout = self.shared.layout;
-                let written = new.iter().enumerate().try_for_each(|(i, &b)| {
-                    let src = &kv.data[(blocks.len() + i) * layout.block_bytes()..]
-                        [..layout.block_bytes()];
-                    src.chunks_exact(layout.piece_bytes())
-                        .enumerate()
-                        .try_for_each(|(l, piece)| self.backend.write_kv_pieces(&[b], l, piece))
-                });
-                if let Err(e) = written {
+                let bb = self.shared.layout.block_bytes();
+                let data = &kv.data[blocks.len() * bb..][..new.len() * bb];
+                if let Err(e) = backend::write_blocks(self.backend.as_mut(), &new, data) {
                     self.device_failed(e);
                     return;
                 }
@@ -1778,13 +1767,13 @@ mod tests {
                 on_layer => self.inner.forward(batch, on_layer),
             }
         }
-        fn read_kv_piece(
+        fn read_kv_pieces(
             &self,
-            b: BlockId,
+            b: &[BlockId],
             l: usize,
             out: &mut Vec<u8>,
         ) -> Result<(), BackendError> {
-            self.inner.read_kv_piece(b, l, out)
+            self.inner.read_kv_pieces(b, l, out)
         }
         fn write_kv_pieces(
             &mut self,

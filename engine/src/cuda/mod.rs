@@ -1872,13 +1872,13 @@ impl Backend for CudaBackend {
         Ok(self.read_picked(rows)?)
     }
 
-    fn read_kv_piece(
+    fn read_kv_pieces(
         &self,
-        block: BlockId,
+        blocks: &[BlockId],
         layer: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), BackendError> {
-        Ok(self.read_pieces(&[block], layer, None, out)?)
+        Ok(self.read_pieces(blocks, layer, None, out)?)
     }
 
     fn write_kv_pieces(

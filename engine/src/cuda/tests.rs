@@ -1074,7 +1074,7 @@ mod model {
             let mut after = Vec::new();
             for &b in &blocks_a[..2] {
                 gpu_b
-                    .read_kv_piece(b, l, &mut after)
+                    .read_kv_pieces(&[b], l, &mut after)
                     .expect("KV piece copy");
             }
             assert!(*pieces == after, "layer {l}: pieces read mid-step differ");
@@ -1133,10 +1133,10 @@ mod model {
         for (blk, layer) in [(blocks_a[0], 0), (blocks_b[0], last), (blocks_a[1], last)] {
             let (mut cp, mut gp) = (Vec::new(), Vec::new());
             cpu_b
-                .read_kv_piece(blk, layer, &mut cp)
+                .read_kv_pieces(&[blk], layer, &mut cp)
                 .expect("KV piece copy");
             gpu_b
-                .read_kv_piece(blk, layer, &mut gp)
+                .read_kv_pieces(&[blk], layer, &mut gp)
                 .expect("KV piece copy");
             let f = |v: &[u8]| -> Vec<f32> {
                 v.chunks_exact(2)
@@ -1154,7 +1154,9 @@ mod model {
         // Pieces written in, scattered in one copy, come back out unchanged.
         let mut cp = Vec::new();
         for &b in &blocks_a[..2] {
-            cpu_b.read_kv_piece(b, 3, &mut cp).expect("KV piece copy");
+            cpu_b
+                .read_kv_pieces(&[b], 3, &mut cp)
+                .expect("KV piece copy");
         }
         let spare = [(nb - 1) as u32, (nb - 3) as u32];
         gpu_b
@@ -1162,11 +1164,13 @@ mod model {
             .expect("KV piece copy");
         let mut back = Vec::new();
         for b in spare {
-            gpu_b.read_kv_piece(b, 3, &mut back).expect("KV piece copy");
+            gpu_b
+                .read_kv_pieces(&[b], 3, &mut back)
+                .expect("KV piece copy");
         }
         assert!(
             back == cp,
-            "write_kv_pieces then read_kv_piece changed the bytes"
+            "write_kv_pieces then read_kv_pieces changed the bytes"
         );
     }
 
@@ -1470,8 +1474,12 @@ mod emulated_model {
             for blk in 0..12u32 {
                 for l in 0..n_layers {
                     let (mut cp, mut ep) = (Vec::new(), Vec::new());
-                    cpu_b.read_kv_piece(blk, l, &mut cp).expect("KV piece copy");
-                    emu_b.read_kv_piece(blk, l, &mut ep).expect("KV piece copy");
+                    cpu_b
+                        .read_kv_pieces(&[blk], l, &mut cp)
+                        .expect("KV piece copy");
+                    emu_b
+                        .read_kv_pieces(&[blk], l, &mut ep)
+                        .expect("KV piece copy");
                     let where_ = format!("{what} step {step} block {blk} layer {l}");
                     assert_close(&where_, &f16s(&ep), &f16s(&cp), KV_TOL, KV_TOL);
                 }
@@ -1555,10 +1563,10 @@ mod emulated_model {
                 for l in 0..n_layers {
                     let (mut cp, mut ep) = (Vec::new(), Vec::new());
                     cpu_b
-                        .read_kv_piece(*blk, l, &mut cp)
+                        .read_kv_pieces(&[*blk], l, &mut cp)
                         .expect("KV piece copy");
                     emu_b
-                        .read_kv_piece(*blk, l, &mut ep)
+                        .read_kv_pieces(&[*blk], l, &mut ep)
                         .expect("KV piece copy");
                     let where_ = format!("{what} graph step {step} block {blk} layer {l}");
                     assert_close(&where_, &f16s(&ep), &f16s(&cp), KV_TOL, KV_TOL);
@@ -1577,14 +1585,18 @@ mod emulated_model {
         // Pieces written in, scattered to blocks apart, read back unchanged.
         let mut cp = Vec::new();
         for b in [2, 3] {
-            cpu_b.read_kv_piece(b, 1, &mut cp).expect("KV piece copy");
+            cpu_b
+                .read_kv_pieces(&[b], 1, &mut cp)
+                .expect("KV piece copy");
         }
         emu_b
             .write_kv_pieces(&[20, 22], 1, &cp)
             .expect("KV piece copy");
         let mut back = Vec::new();
         for b in [20, 22] {
-            emu_b.read_kv_piece(b, 1, &mut back).expect("KV piece copy");
+            emu_b
+                .read_kv_pieces(&[b], 1, &mut back)
+                .expect("KV piece copy");
         }
         assert!(back == cp, "{what}: written pieces read back unchanged");
         assert!(
