@@ -1530,18 +1530,17 @@ impl CudaBackend {
         mut on_layer: Option<LayerHook<'_>>,
         greedy: bool,
     ) -> Result<(), CudaError> {
-        let this = self;
         let n = p.n_tokens();
         let n_logits = p.logit_rows.len();
-        let Some(a) = this.acts.as_ref() else {
+        let Some(a) = self.acts.as_ref() else {
             return Err(CudaError::Batch("buffers missing after reserve".into()));
         };
-        let c = &this.config;
+        let c = &self.config;
         let (d, hd) = (c.d_model, c.head_dim);
         let (q_dim, kv_dim) = (c.n_heads * hd, c.n_kv_heads * hd);
 
-        let embd = &this.token_embd;
-        this.dev.launch(
+        let embd = &self.token_embd;
+        self.dev.launch(
             Kernel::Embed,
             (n as u32, 1, 1),
             ROW_THREADS,
@@ -1557,11 +1556,11 @@ impl CudaBackend {
             ],
         )?;
 
-        for (l, layer) in this.layers.iter().enumerate() {
-            this.rms_norm(a.x.ptr, layer.attn_norm.ptr, a.xn.ptr, n)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.rms_norm(a.x.ptr, layer.attn_norm.ptr, a.xn.ptr, n)?;
             let mut q8_of = None;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.wq.weight(),
                 a.xn.ptr,
@@ -1570,7 +1569,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.wk.weight(),
                 a.xn.ptr,
@@ -1579,7 +1578,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.wv.weight(),
                 a.xn.ptr,
@@ -1589,7 +1588,7 @@ impl CudaBackend {
             )?;
             if let Some([bq, bk, bv]) = &layer.bias {
                 for (x, b, dim) in [(&a.q, bq, q_dim), (&a.k, bk, kv_dim), (&a.v, bv, kv_dim)] {
-                    this.elementwise(
+                    self.elementwise(
                         Kernel::AddBias,
                         &[
                             Arg::P(x.ptr),
@@ -1601,51 +1600,51 @@ impl CudaBackend {
                     )?;
                 }
             }
-            rope(&*this.dev, c, this.inv_freq.ptr, a.q.ptr, c.n_heads, ix, n)?;
+            rope(&*self.dev, c, self.inv_freq.ptr, a.q.ptr, c.n_heads, ix, n)?;
             rope(
-                &*this.dev,
+                &*self.dev,
                 c,
-                this.inv_freq.ptr,
+                self.inv_freq.ptr,
                 a.k.ptr,
                 c.n_kv_heads,
                 ix,
                 n,
             )?;
             kv_write(
-                &*this.dev,
-                &this.layout,
+                &*self.dev,
+                &self.layout,
                 a.k.ptr,
                 a.v.ptr,
-                this.pool.ptr,
+                self.pool.ptr,
                 ix,
                 n,
                 l,
             )?;
             attention(
-                &*this.dev,
+                &*self.dev,
                 c,
-                &this.layout,
+                &self.layout,
                 a.q.ptr,
-                this.pool.ptr,
+                self.pool.ptr,
                 a.attn.ptr,
                 ix,
                 p,
                 l,
             )?;
             if on_layer.is_some() {
-                this.dev.mark(l)?;
+                self.dev.mark(l)?;
             }
             if let (Some(hook), Some(done)) = (on_layer.as_mut(), l.checked_sub(1)) {
                 hook(
                     done,
                     &StepKv {
-                        backend: this,
+                        backend: self,
                         marked: l,
                     },
                 );
             }
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.wo.weight(),
                 a.attn.ptr,
@@ -1653,16 +1652,16 @@ impl CudaBackend {
                 a.proj.ptr,
                 &mut q8_of,
             )?;
-            this.elementwise(
+            self.elementwise(
                 Kernel::AddInplace,
                 &[Arg::P(a.x.ptr), Arg::P(a.proj.ptr), Arg::L((n * d) as i64)],
                 n * d,
             )?;
 
-            this.rms_norm(a.x.ptr, layer.ffn_norm.ptr, a.xn.ptr, n)?;
+            self.rms_norm(a.x.ptr, layer.ffn_norm.ptr, a.xn.ptr, n)?;
             q8_of = None;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.w_gate.weight(),
                 a.xn.ptr,
@@ -1671,7 +1670,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.w_up.weight(),
                 a.xn.ptr,
@@ -1680,7 +1679,7 @@ impl CudaBackend {
                 &mut q8_of,
             )?;
             let f = n * c.ffn_dim;
-            this.elementwise(
+            self.elementwise(
                 Kernel::SiluMul,
                 &[
                     Arg::P(a.gate.ptr),
@@ -1691,7 +1690,7 @@ impl CudaBackend {
                 f,
             )?;
             matmul(
-                &*this.dev,
+                &*self.dev,
                 a.acts_q8.ptr,
                 layer.w_down.weight(),
                 a.act.ptr,
@@ -1699,7 +1698,7 @@ impl CudaBackend {
                 a.proj.ptr,
                 &mut q8_of,
             )?;
-            this.elementwise(
+            self.elementwise(
                 Kernel::AddInplace,
                 &[Arg::P(a.x.ptr), Arg::P(a.proj.ptr), Arg::L((n * d) as i64)],
                 n * d,
@@ -1707,9 +1706,9 @@ impl CudaBackend {
         }
 
         if n_logits > 0 {
-            this.queue_logits(a, ix, n_logits)?;
+            self.queue_logits(a, ix, n_logits)?;
             if greedy {
-                this.dev.launch(
+                self.dev.launch(
                     Kernel::ArgmaxLogprob,
                     (n_logits as u32, 1, 1),
                     ROW_THREADS,
@@ -1728,7 +1727,7 @@ impl CudaBackend {
             hook(
                 last,
                 &StepKv {
-                    backend: this,
+                    backend: self,
                     marked: last,
                 },
             );
@@ -1743,9 +1742,8 @@ impl CudaBackend {
         ix: &IndexPtrs,
         n_logits: usize,
     ) -> Result<(), CudaError> {
-        let this = self;
-        let d = this.config.d_model;
-        this.dev.launch(
+        let d = self.config.d_model;
+        self.dev.launch(
             Kernel::GatherRows,
             (n_logits as u32, 1, 1),
             ROW_THREADS,
@@ -1757,11 +1755,11 @@ impl CudaBackend {
                 Arg::I(d as i32),
             ],
         )?;
-        this.rms_norm(a.last.ptr, this.output_norm.ptr, a.last_norm.ptr, n_logits)?;
-        let head = this.output.as_ref().unwrap_or(&this.token_embd);
+        self.rms_norm(a.last.ptr, self.output_norm.ptr, a.last_norm.ptr, n_logits)?;
+        let head = self.output.as_ref().unwrap_or(&self.token_embd);
         let mut none = None;
         matmul(
-            &*this.dev,
+            &*self.dev,
             a.acts_q8.ptr,
             head.weight(),
             a.last_norm.ptr,
